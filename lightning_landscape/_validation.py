@@ -1,0 +1,61 @@
+"""Argument checks shared by the functional core and the callbacks.
+
+Every message names the argument, the value received and what is accepted, so a
+user can fix the call without reading the source.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def check_choice(name: str, value: Any, accepted: Iterable[Any]) -> Any:
+    """Return ``value`` if it is one of ``accepted``, else raise ``ValueError``."""
+    accepted = tuple(accepted)
+    if value not in accepted:
+        raise ValueError(f"`{name}`={value!r} is not supported; accepted values: {', '.join(map(repr, accepted))}.")
+    return value
+
+
+def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
+    """Return ``value`` if it is an int >= 1 (or None when allowed), else raise ``ValueError``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"`{name}`={value!r} is not valid; expected an integer >= 1{extra}.")
+    return int(value)
+
+
+def check_positive_float(name: str, value: Any) -> float:
+    """Return ``value`` as float if it is a finite number > 0, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}`={value!r} is not valid; expected a finite number > 0.")
+    return float(value)
+
+
+def as_coordinate_array(name: str, value: Any) -> np.ndarray:
+    """Convert one axis of grid coordinates to a 1-D float64 array, checking it is non-empty and finite."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`{name}`={value!r} is not valid; expected a 1-D array of finite numbers.") from err
+    if array.ndim != 1:
+        raise ValueError(f"`{name}` has shape {array.shape}; expected a 1-D array of finite numbers.")
+    if array.size == 0:
+        raise ValueError(f"`{name}` is empty; expected at least one coordinate.")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"`{name}`={array.tolist()!r} contains non-finite values; expected finite numbers.")
+    return array
+
+
+def short_list(items: Sequence[Any], limit: int = 5) -> str:
+    """Render a list for an error message, eliding the middle of long ones."""
+    items = list(items)
+    if len(items) <= limit:
+        return repr(items)
+    return repr(items[:limit])[:-1] + f", ... ({len(items) - limit} more)]"

@@ -1,0 +1,92 @@
+"""Batches: cached once on the model's device, and counted in samples.
+
+A surface evaluates the same data at hundreds of points; iterating a DataLoader
+(workers, collation, host-to-device copies) at every point would dominate the
+cost, so the batches are materialised on the device once and reused.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+#: ``forward_fn(model, batch) -> (outputs, targets)``
+ForwardFn = Callable[[nn.Module, Any], tuple[Any, Any]]
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor inside ``batch`` (nested tuples, lists, dicts) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def cache_batches(data: Iterable[Any], device: torch.device | str, num_batches: int | None = None) -> list[Any]:
+    """Materialise (at most ``num_batches`` of) ``data`` on ``device``.
+
+    Raises:
+        ValueError: if ``data`` yields no batch.
+
+    Example:
+        >>> batches = cache_batches([(torch.zeros(4, 2), torch.zeros(4))], "cpu")
+        >>> len(batches), batches[0][0].shape
+        (1, torch.Size([4, 2]))
+    """
+    device = torch.device(device)
+    iterator = iter(data)
+    if num_batches is not None:
+        iterator = itertools.islice(iterator, num_batches)
+    batches = [move_to_device(batch, device) for batch in iterator]
+    if not batches:
+        raise ValueError(f"`data`={data!r} yielded no batch; expected an iterable of at least one batch.")
+    return batches
+
+
+def count_samples(*candidates: Any) -> int:
+    """Number of samples in the first tensor found in ``candidates`` (its leading dimension)."""
+    for candidate in candidates:
+        tensor = _first_tensor(candidate)
+        if tensor is not None:
+            return int(tensor.shape[0]) if tensor.ndim > 0 else 1
+    raise ValueError("cannot count the samples of a batch that holds no tensor; pass a `forward_fn` returning tensors.")
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def default_forward(model: nn.Module, batch: Any) -> tuple[Any, Any]:
+    """The default ``forward_fn``: a batch is ``(inputs, targets)``; outputs are ``model(inputs)``."""
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise ValueError(
+            f"a batch of type {type(batch).__name__} is not an (inputs, targets) pair; "
+            "pass `forward_fn(model, batch) -> (outputs, targets)` to say how to evaluate it."
+        )
+    inputs, targets = batch[0], batch[1]
+    return model(inputs), targets
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

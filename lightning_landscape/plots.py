@@ -1,0 +1,237 @@
+"""Figures: pure functions from a result to a matplotlib ``Figure``.
+
+No pyplot state is touched: every figure is a ``matplotlib.figure.Figure`` with
+an Agg canvas, so plotting works in headless training jobs and threads and never
+leaks windows. Non-finite values are masked, not drawn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+from lightning_landscape.results import Landscape
+
+
+def _new_figure(figsize: tuple[float, float] = (5.5, 4.5), **kwargs: Any) -> Figure:
+    fig = Figure(figsize=figsize, **kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _masked(values: np.ndarray, log_scale: bool) -> np.ma.MaskedArray:
+    values = np.asarray(values, dtype=np.float64)
+    invalid = ~np.isfinite(values)
+    if log_scale:
+        invalid |= values <= 0
+    return np.ma.masked_array(values, mask=invalid)
+
+
+def _axis_labels(landscape: Landscape) -> tuple[str, str]:
+    labels = landscape.metadata.get("axis_labels")
+    if labels:
+        return tuple(labels) + ("",) * (2 - len(labels))  # type: ignore[return-value]
+    if landscape.metadata.get("kind") == "interpolation":
+        return "α (start → end)", ""
+    return "α (direction 1)", "β (direction 2)"
+
+
+def _check_dims(landscape: Landscape, dims: int, what: str) -> None:
+    if landscape.dims != dims:
+        raise ValueError(f"`landscape` has {landscape.dims} dimension(s); {what} needs a {dims}-D landscape.")
+
+
+def _levels(values: np.ma.MaskedArray, levels: int, log_scale: bool) -> np.ndarray | int:
+    if values.count() == 0:
+        return levels
+    lo, hi = float(values.min()), float(values.max())
+    if lo == hi:
+        return np.array([lo, lo + max(abs(lo), 1.0) * 1e-6])
+    return np.geomspace(lo, hi, levels) if log_scale else np.linspace(lo, hi, levels)
+
+
+def plot_curve(landscape: Landscape, *, metric: str | None = None, log_scale: bool = False, title: str | None = None) -> Figure:
+    """A 1-D landscape as a curve of the loss, with ``metric`` (if given) on a twin axis.
+
+    Example:
+        >>> ls = Landscape(coords=[np.linspace(-1, 1, 5)], values={"loss": np.linspace(-1, 1, 5) ** 2 + 0.1})
+        >>> fig = plot_curve(ls)
+        >>> fig.axes[0].get_ylabel()
+        'loss'
+    """
+    _check_dims(landscape, 1, "plot_curve")
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    x = landscape.coords[0]
+    ax.plot(x, _masked(landscape.loss, log_scale), color="tab:blue", marker=".", label="loss")
+    ax.set_xlabel(_axis_labels(landscape)[0])
+    ax.set_ylabel("loss")
+    if log_scale:
+        ax.set_yscale("log")
+    if metric is not None:
+        if metric not in landscape.values:
+            raise ValueError(f"`metric`={metric!r} is not in the landscape; accepted: {sorted(landscape.values)}.")
+        twin = ax.twinx()
+        twin.plot(x, _masked(landscape.values[metric], False), color="tab:orange", marker=".", label=metric)
+        twin.set_ylabel(metric, color="tab:orange")
+    ax.axvline(0.0, color="0.7", lw=0.8, ls="--")
+    if landscape.metadata.get("kind") == "interpolation":
+        ax.axvline(1.0, color="0.7", lw=0.8, ls="--")
+    ax.set_title(title or "loss along the line")
+    fig.tight_layout()
+    return fig
+
+
+def plot_contour(
+    landscape: Landscape,
+    *,
+    filled: bool = False,
+    levels: int = 30,
+    log_scale: bool = False,
+    value: str = "loss",
+    path: np.ndarray | None = None,
+    path_markers: np.ndarray | None = None,
+    title: str | None = None,
+) -> Figure:
+    """A 2-D landscape as contour lines (or filled contours), optionally with a path on top.
+
+    Args:
+        landscape: a 2-D :class:`Landscape`.
+        filled: filled contours with a colour bar instead of labelled lines.
+        levels: number of contour levels.
+        log_scale: logarithmically spaced levels (non-positive values masked).
+        value: which entry of ``landscape.values`` to draw.
+        path: ``(K, 2)`` coordinates of an optimization path to draw on the plane;
+            its first point is marked as the start and its last as the end.
+        path_markers: indices into ``path`` to mark (e.g. one per epoch).
+
+    Example:
+        >>> a = np.linspace(-1, 1, 5)
+        >>> ls = Landscape(coords=[a, a], values={"loss": np.add.outer(a**2, a**2)})
+        >>> len(plot_contour(ls, filled=True).axes)  # the plot and its colour bar
+        2
+    """
+    _check_dims(landscape, 2, "plot_contour")
+    if value not in landscape.values:
+        raise ValueError(f"`value`={value!r} is not in the landscape; accepted: {sorted(landscape.values)}.")
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    x, y = landscape.coords
+    z = _masked(landscape.values[value], log_scale).T  # matplotlib wants z[row=y, col=x]
+    lv = _levels(z, levels, log_scale)
+    norm = LogNorm() if log_scale else None
+    if filled:
+        cs = ax.contourf(x, y, z, levels=lv, cmap="viridis", norm=norm)
+        fig.colorbar(cs, ax=ax, label=value)
+    else:
+        cs = ax.contour(x, y, z, levels=lv, cmap="viridis", norm=norm, linewidths=0.9)
+        ax.clabel(cs, inline=True, fontsize=7, fmt="%.3g")
+    if path is not None:
+        path = np.asarray(path, dtype=np.float64)
+        ax.plot(path[:, 0], path[:, 1], color="tab:red", lw=1.2, marker=".", ms=3, label="path")
+        if path_markers is not None and len(path_markers):
+            idx = np.asarray(path_markers, dtype=int)
+            ax.scatter(path[idx, 0], path[idx, 1], color="tab:red", s=18, zorder=3, label="epochs")
+        ax.scatter(*path[0], marker="o", s=60, facecolor="white", edgecolor="tab:red", zorder=4, label="start")
+        ax.scatter(*path[-1], marker="*", s=120, color="gold", edgecolor="k", zorder=4, label="end")
+        ax.legend(loc="best", fontsize=7)
+    else:
+        ax.scatter([0.0], [0.0], marker="*", s=80, color="tab:red", zorder=3)
+    xl, yl = _axis_labels(landscape)
+    ax.set_xlabel(xl)
+    ax.set_ylabel(yl)
+    ax.set_title(title or (f"{value} (filled contours)" if filled else f"{value} contours"))
+    fig.tight_layout()
+    return fig
+
+
+def plot_heatmap(landscape: Landscape, *, log_scale: bool = False, value: str = "loss", title: str | None = None) -> Figure:
+    """A 2-D landscape as a heat map (NaN points left blank).
+
+    Example:
+        >>> a = np.linspace(-1, 1, 4)
+        >>> plot_heatmap(Landscape(coords=[a, a], values={"loss": np.ones((4, 4))})).axes[0].get_xlabel()
+        'α (direction 1)'
+    """
+    _check_dims(landscape, 2, "plot_heatmap")
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    x, y = landscape.coords
+    z = _masked(landscape.values[value], log_scale).T
+    mesh = ax.pcolormesh(x, y, z, shading="nearest", cmap="viridis", norm=LogNorm() if log_scale else None)
+    fig.colorbar(mesh, ax=ax, label=value)
+    xl, yl = _axis_labels(landscape)
+    ax.set_xlabel(xl)
+    ax.set_ylabel(yl)
+    ax.set_title(title or f"{value} heat map")
+    fig.tight_layout()
+    return fig
+
+
+def plot_surface_3d(landscape: Landscape, *, log_scale: bool = False, value: str = "loss", title: str | None = None) -> Figure:
+    """A 2-D landscape as a 3-D surface (``log10`` of the value with ``log_scale``).
+
+    Example:
+        >>> a = np.linspace(-1, 1, 4)
+        >>> plot_surface_3d(Landscape(coords=[a, a], values={"loss": np.ones((4, 4))})).axes[0].name
+        '3d'
+    """
+    _check_dims(landscape, 2, "plot_surface_3d")
+    fig = _new_figure(figsize=(6.0, 5.0))
+    ax = fig.add_subplot(projection="3d")
+    x, y = landscape.coords
+    X, Y = np.meshgrid(x, y, indexing="ij")
+    z = _masked(landscape.values[value], log_scale)
+    if log_scale:
+        z = np.ma.log10(z)
+    # plot_surface does not honour masks: NaN leaves holes, which is what we want.
+    ax.plot_surface(X, Y, z.filled(np.nan), cmap="viridis", linewidth=0, antialiased=True)
+    xl, yl = _axis_labels(landscape)
+    ax.set_xlabel(xl)
+    ax.set_ylabel(yl)
+    ax.set_zlabel(f"log10 {value}" if log_scale else value)
+    ax.set_title(title or f"{value} surface")
+    return fig
+
+
+def landscape_figures(landscape: Landscape, *, log_scale: bool = False, metric: str | None = None) -> dict[str, Figure]:
+    """Every standard figure for ``landscape``, keyed by a short name.
+
+    A 1-D landscape gives ``{"curve"}``; a 2-D one gives ``{"contour", "contour_filled", "heatmap", "surface_3d"}``.
+
+    Example:
+        >>> ls = Landscape(coords=[np.linspace(-1, 1, 3)], values={"loss": np.ones(3)})
+        >>> list(landscape_figures(ls))
+        ['curve']
+    """
+    if landscape.dims == 1:
+        if metric is None:
+            metric = next((name for name in landscape.values if name != "loss"), None)
+        return {"curve": plot_curve(landscape, metric=metric, log_scale=log_scale)}
+    return {
+        "contour": plot_contour(landscape, log_scale=log_scale),
+        "contour_filled": plot_contour(landscape, filled=True, log_scale=log_scale),
+        "heatmap": plot_heatmap(landscape, log_scale=log_scale),
+        "surface_3d": plot_surface_3d(landscape, log_scale=log_scale),
+    }
+
+
+def plotly_surface(landscape: Landscape, *, value: str = "loss") -> Any:
+    """An interactive 3-D surface as a plotly ``Figure`` (needs the ``plotly`` extra).
+
+    Raises:
+        ImportError: if plotly is not installed.
+    """
+    import plotly.graph_objects as go
+
+    _check_dims(landscape, 2, "plotly_surface")
+    x, y = landscape.coords
+    z = np.where(np.isfinite(landscape.values[value]), landscape.values[value], None).T
+    xl, yl = _axis_labels(landscape)
+    fig = go.Figure(data=[go.Surface(x=x, y=y, z=z, colorscale="Viridis")])
+    fig.update_layout(scene={"xaxis_title": xl, "yaxis_title": yl, "zaxis_title": value}, title=f"{value} surface")
+    return fig

@@ -1,0 +1,123 @@
+"""The one state guard every analysis runs inside.
+
+An analysis moves the weights around (grid points, interpolation, Hessian-vector
+products) and switches modes; the user's model must come out exactly as it went
+in, also when the analysis fails or is interrupted. :func:`preserved_state`
+records parameters, buffers, ``.grad`` tensors, ``requires_grad`` flags, the
+train/eval mode of every submodule and the global RNG states, and restores them
+bit for bit on exit.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelState:
+    """What :func:`preserved_state` recorded on entry.
+
+    ``parameters`` and ``buffers`` are detached copies of the values on entry,
+    keyed by name; an analysis may use them as its reference point (for
+    example the centre θ* of a loss surface) instead of copying the model again.
+    """
+
+    parameters: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor | None]
+    requires_grad: dict[str, bool]
+    training: dict[str, bool]
+    rng: dict[str, object] = field(repr=False, default_factory=dict)
+
+    def trainable_names(self) -> list[str]:
+        """Names of the parameters that had ``requires_grad=True`` on entry, in model order."""
+        return [name for name, flag in self.requires_grad.items() if flag]
+
+
+def _capture_rng() -> dict[str, object]:
+    state: dict[str, object] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, object]) -> None:
+    torch.set_rng_state(state["torch"])  # type: ignore[arg-type]
+    np.random.set_state(state["numpy"])  # type: ignore[arg-type]
+    random.setstate(state["python"])  # type: ignore[arg-type]
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])  # type: ignore[arg-type]
+
+
+def capture_state(model: nn.Module) -> ModelState:
+    """Record ``model``'s complete state (see :func:`preserved_state`).
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> state = capture_state(model)
+        >>> sorted(state.parameters)
+        ['bias', 'weight']
+    """
+    with torch.no_grad():
+        parameters = {name: p.detach().clone() for name, p in model.named_parameters()}
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    # The .grad tensors are not copied: they are detached from the parameters and
+    # re-attached on exit, so whatever an analysis does to gradients never touches them.
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    training = {name: m.training for name, m in model.named_modules()}
+    return ModelState(parameters, buffers, grads, requires_grad, training, _capture_rng())
+
+
+def restore_state(model: nn.Module, state: ModelState) -> None:
+    """Put ``model`` back into ``state`` in place (same tensor objects, values bit for bit)."""
+    # Restoring must work even when the analysis failed inside inference mode.
+    with torch.inference_mode(False), torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(state.parameters[name])
+            p.requires_grad_(state.requires_grad[name])
+            p.grad = state.grads[name]
+        for name, b in model.named_buffers():
+            b.copy_(state.buffers[name])
+    for name, module in model.named_modules():
+        module.training = state.training[name]
+    _restore_rng(state.rng)
+
+
+@contextmanager
+def preserved_state(model: nn.Module) -> Iterator[ModelState]:
+    """Run a block of analysis code and leave ``model`` exactly as it was.
+
+    On entry the parameters, buffers, ``requires_grad`` flags, ``.grad`` tensors,
+    train/eval modes of all submodules and the global RNG states (torch, CUDA,
+    numpy, ``random``) are recorded; on exit, normal or by any exception
+    including ``KeyboardInterrupt``, they are restored bit for bit, in place, so
+    optimizers and other holders of the parameter objects keep working.
+    Inside the block ``.grad`` is ``None`` on every parameter.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+        >>> with preserved_state(model) as state:
+        ...     _ = model.eval()
+        ...     _ = model[0].weight.data.add_(1.0)
+        >>> model.training, torch.equal(model[0].weight, state.parameters["0.weight"])
+        (True, True)
+    """
+    state = capture_state(model)
+    for p in model.parameters():
+        p.grad = None
+    try:
+        yield state
+    finally:
+        restore_state(model, state)
