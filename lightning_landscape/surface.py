@@ -201,6 +201,21 @@ def _as_coords(coords: Any, dims: int) -> list[np.ndarray]:
     return [as_coordinate_array(f"coords[{i}]", c) for i, c in enumerate(coords)]
 
 
+def set_plane_point(
+    targets: list[torch.Tensor], center: list[torch.Tensor], steps: list[list[torch.Tensor]], coefs: Sequence[float]
+) -> None:
+    """Write θ* + Σ_k c_k d_k into ``targets`` in place.
+
+    The point is rebuilt from the saved centre every time, so no rounding error
+    accumulates across grid points, and all-zero coefficients give θ* bit for bit.
+    ``steps[k]`` holds direction k's tensors in the order of ``targets``.
+    """
+    with torch.no_grad():
+        torch._foreach_copy_(targets, center)
+        for step, coef in zip(steps, coefs):
+            torch._foreach_add_(targets, step, alpha=float(coef))
+
+
 def surface_from_evaluator(
     model: nn.Module,
     evaluator: GridEvaluator,
@@ -238,11 +253,7 @@ def surface_from_evaluator(
             steps = [[d[n].to(device=params[n].device, dtype=params[n].dtype) for n in names] for d in dirs]
 
             def set_point(idx: tuple[int, ...]) -> None:
-                # θ* + Σ_k c_k d_k, rebuilt from the saved centre at every point so errors never accumulate.
-                with torch.no_grad():
-                    torch._foreach_copy_(targets, center)
-                    for axis, step in enumerate(steps):
-                        torch._foreach_add_(targets, step, alpha=float(grid[axis][idx[axis]]))
+                set_plane_point(targets, center, steps, [float(grid[axis][i]) for axis, i in enumerate(idx)])
 
         evaluator.run(model, landscape, set_point, progress=progress, description="loss surface")
         if "center_loss" not in landscape.metadata:
