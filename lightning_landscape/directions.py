@@ -132,8 +132,8 @@ def _rescale(d: torch.Tensor, weight: torch.Tensor, dims: tuple[int, ...]) -> No
     if not dims:  # a 0-dim parameter
         d_norm, w_norm = d.abs(), weight.abs()
     else:
-        d_norm = d.norm(dim=dims, keepdim=True)
-        w_norm = weight.norm(dim=dims, keepdim=True)
+        d_norm = torch.linalg.vector_norm(d, dim=dims, keepdim=True)
+        w_norm = torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
     # A zero-norm unit (of the direction or the weights) gets a zero direction, never NaN.
     scale = torch.where(d_norm > 0, w_norm / torch.where(d_norm > 0, d_norm, torch.ones_like(d_norm)), torch.zeros_like(d_norm))
     d.mul_(scale)
