@@ -5,6 +5,7 @@ Filter-normalized loss surfaces (Li et al., NeurIPS 2018), linear interpolation
 """
 
 from lightning_landscape._versions import package_version as _package_version
+from lightning_landscape.callbacks import LossSurface
 from lightning_landscape.directions import random_direction
 from lightning_landscape.plots import (
     landscape_figures,
@@ -23,6 +24,7 @@ __version__ = _package_version()
 __all__ = [
     "GridEvaluator",
     "Landscape",
+    "LossSurface",
     "ModelState",
     "interpolate",
     "landscape_figures",

@@ -45,13 +45,15 @@ def _check_dims(landscape: Landscape, dims: int, what: str) -> None:
         raise ValueError(f"`landscape` has {landscape.dims} dimension(s); {what} needs a {dims}-D landscape.")
 
 
-def _levels(values: np.ma.MaskedArray, levels: int, log_scale: bool) -> np.ndarray | int:
+def _levels(values: np.ma.MaskedArray, levels: int) -> np.ndarray | int:
     if values.count() == 0:
         return levels
     lo, hi = float(values.min()), float(values.max())
     if lo == hi:
         return np.array([lo, lo + max(abs(lo), 1.0) * 1e-6])
-    return np.geomspace(lo, hi, levels) if log_scale else np.linspace(lo, hi, levels)
+    # Losses grow fast away from a minimum: log-spaced levels keep detail in the basin,
+    # which is what the reader looks at. Linear spacing only where values reach zero or below.
+    return np.geomspace(lo, hi, levels) if lo > 0 else np.linspace(lo, hi, levels)
 
 
 def plot_curve(landscape: Landscape, *, metric: str | None = None, log_scale: bool = False, title: str | None = None) -> Figure:
@@ -122,7 +124,7 @@ def plot_contour(
     ax = fig.add_subplot()
     x, y = landscape.coords
     z = _masked(landscape.values[value], log_scale).T  # matplotlib wants z[row=y, col=x]
-    lv = _levels(z, levels, log_scale)
+    lv = _levels(z, levels)
     norm = LogNorm() if log_scale else None
     if filled:
         cs = ax.contourf(x, y, z, levels=lv, cmap="viridis", norm=norm)

@@ -1,0 +1,65 @@
+"""Train the digits CNN with LightningCLI and look at its loss landscape.
+
+    python examples/train.py fit --config examples/configs/digits.yaml
+
+W&B runs offline by default (no account, no network); the script prints where the
+figures and the offline run are, and the `wandb sync` command to upload them.
+Any callback of lightning_landscape can be added from the command line, e.g.
+
+    python examples/train.py fit --trainer.max_epochs=2 \
+        --trainer.callbacks+=lightning_landscape.LossSurface --trainer.callbacks.resolution=11
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
+from pytorch_lightning.cli import LightningCLI  # noqa: E402
+
+
+def report(cli: LightningCLI) -> None:
+    """Print where the results are."""
+    trainer = cli.trainer
+    print("\n=== lightning_landscape results ===")
+    for callback in trainer.callbacks:
+        files = getattr(callback, "files", None)
+        if files:
+            print(f"{type(callback).__name__}: {Path(files['npz']).parent}")
+            for key, path in files.items():
+                if not key.endswith(".pdf"):
+                    print(f"  {key:>16}: {path}")
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            run_dir = Path(logger.experiment.dir).parent
+            print(f"W&B offline run: {run_dir}\n  upload it with: wandb sync {run_dir}")
+        elif getattr(logger, "log_dir", None):
+            print(f"{type(logger).__name__}: {logger.log_dir}")
+
+
+def main() -> None:
+    cli = LightningCLI(
+        DigitsClassifier,
+        DigitsDataModule,
+        seed_everything_default=0,
+        trainer_defaults={
+            "logger": {
+                "class_path": "pytorch_lightning.loggers.WandbLogger",
+                "init_args": {"project": "lightning-landscape", "save_dir": "runs", "offline": True},
+            },
+            "default_root_dir": "runs",
+        },
+        save_config_kwargs={"overwrite": True},
+    )
+    if cli.subcommand == "fit":
+        report(cli)
+
+
+if __name__ == "__main__":
+    main()

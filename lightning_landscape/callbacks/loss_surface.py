@@ -1,0 +1,248 @@
+"""LossSurface: the filter-normalized loss landscape around the trained weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+from lightning_landscape import _validation as v
+from lightning_landscape.batches import cache_batches
+from lightning_landscape.callbacks._common import (
+    DATA_SOURCES,
+    analysis_context,
+    build_metrics,
+    check_data_source,
+    check_metric_names,
+    default_dirpath,
+    misconfigured,
+    resolve_batch_loss,
+    select_dataloader,
+    strategy_reduce,
+)
+from lightning_landscape.directions import IGNORES, NORMS, random_direction
+from lightning_landscape.plots import landscape_figures, plotly_surface
+from lightning_landscape.results import Landscape
+from lightning_landscape.surface import GridEvaluator, surface_from_evaluator
+from lightning_landscape.trackers import log_to_loggers, write_files
+
+
+class LossSurface(Callback):
+    """Evaluate the loss landscape around the final weights and log it everywhere.
+
+    At the end of ``fit`` (and every ``every_n_epochs`` epochs if set) the loss,
+    and optional metrics, are evaluated on a ``resolution``-point grid per axis
+    along one or two random directions normalized filter by filter (Li et al.,
+    "Visualizing the Loss Landscape of Neural Nets", NeurIPS 2018). The model is
+    evaluated in eval mode on the strategy's device and left exactly as it was,
+    so training continues bit for bit as without the callback.
+
+    The loss is, in this order: ``loss_fn(module, batch)``; the module's
+    ``landscape_step(batch)``; its ``training_step(batch, 0)`` with ``self.log``
+    silenced. Each may return a tensor or a dict with ``"loss"``.
+
+    Results go to every logger on global rank zero (W&B: images, an interactive
+    3-D plotly surface, an artifact of type ``landscape`` and summary scalars;
+    TensorBoard: figures and scalars; CSV and others: scalars) and always to
+    ``dirpath`` as ``.npz``, PNG and PDF files.
+
+    Args:
+        dims: 1 for a curve, 2 for a surface.
+        resolution: grid points per axis.
+        span: the grid covers [-span, span] on each axis (in units of the
+            filter-normalized direction).
+        axis_ranges: ``[lo, hi]`` per axis, overriding ``span``.
+        norm: direction normalization: ``"filter"``, ``"layer"``, ``"model"`` or ``"none"``.
+        ignore: ``"biasbn"`` gives biases and norm-layer affine weights a zero
+            direction; ``"none"`` normalizes them too.
+        seed: seed of the first direction (the second uses ``seed + 1``).
+        orthogonal: make the second direction exactly orthogonal to the first.
+        data: ``"train"`` or ``"val"``: which dataloader of the fit to evaluate on.
+        num_batches: use at most this many batches (None = all).
+        metrics: metric names (``"accuracy"``, ``"mse"``, ``"mae"``) or, from
+            Python, torchmetrics objects.
+        every_n_epochs: also run at the end of every n-th training epoch (None =
+            only at fit end).
+        dirpath: where files go (default ``<trainer.log_dir>/landscape``).
+        log_scale: draw the figures on a logarithmic loss scale.
+        interactive: log an interactive plotly surface to W&B (needs plotly).
+        progress: show a progress bar (None = only on a terminal).
+        loss_fn: ``loss_fn(module, batch) -> Tensor`` (Python only).
+        name: prefix of the logged keys and file names.
+        enabled: turn the callback off without removing it (e.g. from the CLI).
+
+    Raises:
+        MisconfigurationException: for an invalid argument (in ``__init__``), or
+            ``data="val"`` in a fit without validation data (at ``setup``, before training).
+
+    Example:
+        >>> from pytorch_lightning import Trainer
+        >>> surface = LossSurface(resolution=11, span=0.5, metrics=["accuracy"])
+        >>> trainer = Trainer(max_epochs=1, callbacks=[surface], logger=False)  # doctest: +SKIP
+        >>> trainer.fit(model, datamodule)  # doctest: +SKIP
+        >>> surface.landscape.loss.shape  # doctest: +SKIP
+        (11, 11)
+    """
+
+    def __init__(
+        self,
+        dims: Literal[1, 2] = 2,
+        resolution: int = 21,
+        span: float = 1.0,
+        axis_ranges: Optional[list[list[float]]] = None,
+        norm: Literal["filter", "layer", "model", "none"] = "filter",
+        ignore: Literal["biasbn", "none"] = "biasbn",
+        seed: int = 0,
+        orthogonal: bool = False,
+        data: Literal["train", "val"] = "train",
+        num_batches: Optional[int] = None,
+        metrics: Optional[list[Union[str, Any]]] = None,
+        every_n_epochs: Optional[int] = None,
+        dirpath: Optional[str] = None,
+        log_scale: bool = False,
+        interactive: bool = True,
+        progress: Optional[bool] = None,
+        loss_fn: Optional[Callable[..., torch.Tensor]] = None,
+        name: str = "loss_surface",
+        enabled: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dims = misconfigured(v.check_choice, "dims", dims, (1, 2))
+        self.resolution = misconfigured(v.check_positive_int, "resolution", resolution)
+        self.span = misconfigured(v.check_positive_float, "span", span)
+        self.axis_ranges = misconfigured(_check_axis_ranges, axis_ranges, self.dims)
+        self.norm = misconfigured(v.check_choice, "norm", norm, NORMS)
+        self.ignore = misconfigured(v.check_choice, "ignore", ignore, IGNORES)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            misconfigured(_raise, f"`seed`={seed!r} is not valid; expected an integer.")
+        self.seed = seed
+        self.orthogonal = bool(orthogonal)
+        self.data = misconfigured(v.check_choice, "data", data, DATA_SOURCES)
+        self.num_batches = misconfigured(v.check_positive_int, "num_batches", num_batches, allow_none=True)
+        self.metrics = misconfigured(check_metric_names, metrics)
+        self.every_n_epochs = misconfigured(v.check_positive_int, "every_n_epochs", every_n_epochs, allow_none=True)
+        self.dirpath = dirpath
+        self.log_scale = bool(log_scale)
+        self.interactive = bool(interactive)
+        self.progress = progress
+        if loss_fn is not None and not callable(loss_fn):
+            misconfigured(_raise, f"`loss_fn`={loss_fn!r} is not callable; expected loss_fn(module, batch) -> Tensor.")
+        self.loss_fn = loss_fn
+        self.name = name
+        self.enabled = bool(enabled)
+        #: The last computed landscape (on every rank) and the files written (rank zero).
+        self.landscape: Landscape | None = None
+        self.files: dict[str, Path] = {}
+
+    # --- hooks ------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.enabled and stage == "fit":
+            check_data_source(trainer, self.data, type(self).__name__)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.run(trainer, pl_module, suffix=f"_epoch{trainer.current_epoch}")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled:
+            self.run(trainer, pl_module)
+
+    # --- work ---------------------------------------------------------------------------------
+
+    def coordinates(self) -> list[np.ndarray]:
+        """The grid coordinates, one array per axis."""
+        ranges = self.axis_ranges or [[-self.span, self.span]] * self.dims
+        return [np.linspace(lo, hi, self.resolution) for lo, hi in ranges]
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, suffix: str = "") -> Landscape:
+        """Compute the landscape now (all ranks), then write and log it (rank zero)."""
+        with analysis_context(trainer, pl_module):
+            landscape = self.compute(trainer, pl_module)
+        self.landscape = landscape
+        if trainer.is_global_zero:
+            self.files = self.publish(trainer, landscape, suffix)
+        return landscape
+
+    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Landscape:
+        """The surface around the module's current weights (inside :func:`analysis_context`)."""
+        device = trainer.strategy.root_device
+        batches = cache_batches(select_dataloader(trainer, self.data), device, self.num_batches)
+        batch_loss, source = resolve_batch_loss(pl_module, self.loss_fn, want_outputs=bool(self.metrics))
+        metrics = {}
+        if self.metrics:
+            pl_module.eval()
+            with torch.no_grad():
+                metrics = build_metrics(self.metrics, batch_loss(pl_module, batches[0])[2])
+        evaluator = GridEvaluator(batches, batch_loss, metrics=metrics, device=device, reduce=strategy_reduce(trainer))
+        first = random_direction(pl_module, norm=self.norm, ignore=self.ignore, seed=self.seed)
+        directions = [first]
+        if self.dims == 2:
+            orth = first if self.orthogonal else None
+            directions.append(random_direction(pl_module, norm=self.norm, ignore=self.ignore, seed=self.seed + 1, orthogonal_to=orth))
+        metadata = {
+            "norm": self.norm,
+            "ignore": self.ignore,
+            "seed": self.seed,
+            "orthogonal": self.orthogonal,
+            "data": self.data,
+            "loss_source": source,
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+        }
+        return surface_from_evaluator(pl_module, evaluator, directions, self.coordinates(), progress=self.progress, metadata=metadata)
+
+    def summary_scalars(self, landscape: Landscape) -> dict[str, float]:
+        """Loss at the centre and the mean loss rise at radius 0.25·span and span."""
+        reach = self.span if self.axis_ranges is None else min(max(abs(lo), abs(hi)) for lo, hi in self.axis_ranges)
+        s = landscape.summary(radii=(0.25 * reach, reach))
+        return {
+            "center_loss": s["center_loss"],
+            "loss_rise_quarter_span": s[f"loss_rise@{0.25 * reach:g}"],
+            "loss_rise_span": s[f"loss_rise@{reach:g}"],
+        }
+
+    def publish(self, trainer: pl.Trainer, landscape: Landscape, suffix: str = "") -> dict[str, Path]:
+        """Write the files and log to every logger (rank zero only)."""
+        figures = landscape_figures(landscape, log_scale=self.log_scale)
+        dirpath = default_dirpath(trainer, self.dirpath)
+        files = write_files(dirpath, f"{self.name}{suffix}", landscape, figures)
+        plotly_fig = None
+        if self.interactive and landscape.dims == 2:
+            try:
+                plotly_fig = plotly_surface(landscape)
+            except ImportError:
+                pass
+        log_to_loggers(
+            trainer.loggers,
+            self.name,
+            step=trainer.global_step,
+            scalars=self.summary_scalars(landscape),
+            figures=figures,
+            files=files,
+            plotly_figure=plotly_fig,
+        )
+        rank_zero_info(f"[LossSurface] wrote {files['npz']} and {len(figures)} figure(s) to {dirpath}")
+        return files
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)
+
+
+def _check_axis_ranges(axis_ranges: Any, dims: int) -> list[list[float]] | None:
+    if axis_ranges is None:
+        return None
+    try:
+        ranges = [[float(lo), float(hi)] for lo, hi in axis_ranges]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`axis_ranges`={axis_ranges!r} is not valid; expected one [lo, hi] pair per axis.") from err
+    if len(ranges) != dims or any(not (np.isfinite(lo) and np.isfinite(hi) and lo < hi) for lo, hi in ranges):
+        raise ValueError(f"`axis_ranges`={axis_ranges!r} is not valid; expected {dims} finite [lo, hi] pair(s) with lo < hi.")
+    return ranges
