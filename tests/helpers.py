@@ -1,0 +1,46 @@
+"""Small, fast fits of the digits example for the callback tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.nn import functional as F
+
+from examples.digits import DigitsClassifier, DigitsDataModule
+
+
+def small_fit(tmp_path, callbacks=(), *, logger: Any = False, max_epochs: int = 2, seed: int = 0, **trainer_kwargs):
+    """Fit the digits CNN for a few steps on CPU; returns (trainer, model, datamodule)."""
+    pl.seed_everything(seed, verbose=False)
+    model = DigitsClassifier(channels=4)
+    datamodule = DigitsDataModule(batch_size=32, num_train=192, seed=seed)
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        callbacks=list(callbacks),
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        deterministic=True,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, datamodule)
+    return trainer, model, datamodule
+
+
+def eval_loss(model: torch.nn.Module, loader) -> float:
+    """Independent reference: eval-mode sample-weighted mean cross-entropy over a loader."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in loader:
+            total += F.cross_entropy(model(x), y, reduction="sum").double().item()
+            count += len(y)
+    model.train(was_training)
+    return total / count
