@@ -284,7 +284,7 @@ def test_zero_hessian_gives_zero_ratio_without_warnings_or_nan():
 def test_nonfinite_loss_raises_and_restores_model():
     model, data = make_problem("mlp")
     with torch.no_grad():
-        model[0].weight.mul_(1e200)  # MSE of outputs ~1e200 overflows to inf
+        model[2].weight.mul_(1e200)  # outputs ~1e200: their MSE overflows to inf
     model.train()
     before = snapshot(model)
     targets = [(x, F.one_hot(y, 4).double()) for x, y in data]
