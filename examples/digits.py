@@ -30,15 +30,19 @@ class DigitsDataModule(pl.LightningDataModule):
         val_fraction: share of the data held out for validation.
         num_train: keep only the first ``num_train`` training samples (None = all).
         seed: seed of the split.
+        shuffle: shuffle the training batches every epoch.
     """
 
-    def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, num_train: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, batch_size: int = 64, val_fraction: float = 0.2, num_train: int | None = None, seed: int = 0, shuffle: bool = True
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.num_train = num_train
         self.seed = seed
+        self.shuffle = shuffle
 
     def setup(self, stage: str | None = None) -> None:
         x, y = load_digits_tensors()
@@ -51,7 +55,7 @@ class DigitsDataModule(pl.LightningDataModule):
         self.val_set = TensorDataset(x[val], y[val])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=256)

@@ -1,11 +1,14 @@
 """Loss-landscape analysis for PyTorch and PyTorch Lightning.
 
 Filter-normalized loss surfaces (Li et al., NeurIPS 2018), linear interpolation
-(Goodfellow et al., 2015), and the figures that show them.
+(Goodfellow et al., 2015), optimization trajectories on their PCA plane, and the
+figures that show them. The functional core imports no Lightning; the callbacks
+(``LossSurface``, ``TrajectoryPCA``) load it on first use.
 """
 
+from typing import Any
+
 from lightning_landscape._versions import package_version as _package_version
-from lightning_landscape.callbacks import LossSurface
 from lightning_landscape.directions import random_direction
 from lightning_landscape.plots import (
     landscape_figures,
@@ -18,14 +21,31 @@ from lightning_landscape.plots import (
 from lightning_landscape.results import Landscape
 from lightning_landscape.state import ModelState, preserved_state
 from lightning_landscape.surface import GridEvaluator, interpolate, loss_surface, make_batch_loss
+from lightning_landscape.trajectory import PCAResult, SnapshotStore, TooFewSnapshotsError, trajectory_pca
 
 __version__ = _package_version()
+
+_CALLBACKS = {"LossSurface", "TrajectoryPCA"}
+
+
+def __getattr__(name: str) -> Any:
+    # Callbacks import pytorch_lightning; load them only when asked for.
+    if name in _CALLBACKS:
+        from lightning_landscape import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module 'lightning_landscape' has no attribute {name!r}")
+
 
 __all__ = [
     "GridEvaluator",
     "Landscape",
     "LossSurface",
     "ModelState",
+    "PCAResult",
+    "SnapshotStore",
+    "TooFewSnapshotsError",
+    "TrajectoryPCA",
     "interpolate",
     "landscape_figures",
     "loss_surface",
@@ -37,4 +57,5 @@ __all__ = [
     "plotly_surface",
     "preserved_state",
     "random_direction",
+    "trajectory_pca",
 ]

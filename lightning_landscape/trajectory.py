@@ -201,7 +201,8 @@ def _torch_view(array: np.ndarray, dtype_name: str) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def _check_writable_dir(path: Path) -> None:
+def check_writable_dir(path: Path) -> None:
+    """Create ``path`` if needed and check a file can be written there; ``ValueError`` naming ``snapshot_dir`` if not."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
@@ -287,7 +288,7 @@ class SnapshotStore:
             raise ValueError(f"`prefix`={prefix!r} is not valid; expected a non-empty file-name prefix without path separators.")
         directory = None if snapshot_dir is None else Path(snapshot_dir)
         if directory is not None and storage != "memory":
-            _check_writable_dir(directory)
+            check_writable_dir(directory)
         self._setup(num_params, dtype_name, storage, float(max_memory_mb), directory, block_rows, prefix)
         if storage == "disk":
             self._ensure_dir()
@@ -711,12 +712,12 @@ class SnapshotStore:
                     "expected a disk store (storage='disk', or 'auto' with a snapshot_dir), or pass strict=False to start empty."
                 )
             if directory is not None and store._requested_storage != "memory":
-                _check_writable_dir(directory)
+                check_writable_dir(directory)
             return store
         check_choice("state_dict['storage']", sd["storage"], ("memory", "disk"))
         store._storage = "disk"
         if directory is not None:
-            _check_writable_dir(directory)
+            check_writable_dir(directory)
         np_dtype = _NUMPY_DTYPES[store._dtype_name]
         for file in sd["files"]:
             path = Path(file)
@@ -934,6 +935,7 @@ def trajectory_pca(
     chunk_size: int | None = None,
     final_step: int | None = None,
     final_epoch: int | None = None,
+    seed: int = 0,
 ) -> PCAResult:
     """PCA of the trajectory matrix M = [θ_0 − θ_n; ...; θ_{n−1} − θ_n] (Li et al. 2018, section 7).
 
@@ -960,7 +962,8 @@ def trajectory_pca(
     (s_k² <= s_1² · n · 1e-12) count as 0. Components past the rank (also when
     ``n_components`` exceeds the number of rows) get zero singular value and
     explained variance, and are filled with deterministic unit vectors
-    orthogonal to the others, so the rows stay orthonormal and nothing is NaN.
+    orthogonal to the others (drawn from ``seed``), so the rows stay orthonormal
+    and nothing is NaN.
 
     Sign convention: each component is oriented so that the earliest path point
     with a non-negligible coordinate along it (|x| > 1e-6 · max |x|) has a
@@ -1053,7 +1056,7 @@ def trajectory_pca(
         for a, b, _, mean in centered_blocks():
             mean_row[a:b] = mean  # type: ignore[assignment]
     _gram_schmidt(comps, 0, r)  # restores exact orthonormality lost to rounding in small components
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(int(seed))
     for k in range(r, n_components):  # past the rank: deterministic filler orthogonal to the others
         comps[k] = torch.randn(num_params, generator=generator, dtype=torch.float64)
         _gram_schmidt(comps, k, k + 1)

@@ -11,25 +11,28 @@ from torch.nn import functional as F
 from examples.digits import DigitsClassifier, DigitsDataModule
 
 
-def small_fit(tmp_path, callbacks=(), *, logger: Any = False, max_epochs: int = 2, seed: int = 0, **trainer_kwargs):
+def small_fit(
+    tmp_path, callbacks=(), *, logger: Any = False, max_epochs: int = 2, seed: int = 0, shuffle: bool = True,
+    ckpt_path: str | None = None, **trainer_kwargs,
+):
     """Fit the digits CNN for a few steps on CPU; returns (trainer, model, datamodule)."""
     pl.seed_everything(seed, verbose=False)
     model = DigitsClassifier(channels=4)
-    datamodule = DigitsDataModule(batch_size=32, num_train=192, seed=seed)
+    datamodule = DigitsDataModule(batch_size=32, num_train=192, seed=seed, shuffle=shuffle)
     trainer = pl.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",
         devices=1,
         callbacks=list(callbacks),
         logger=logger,
-        enable_checkpointing=False,
+        enable_checkpointing=trainer_kwargs.pop("enable_checkpointing", False),
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
         deterministic=True,
         **trainer_kwargs,
     )
-    trainer.fit(model, datamodule)
+    trainer.fit(model, datamodule, ckpt_path=ckpt_path)
     return trainer, model, datamodule
 
 

@@ -1,0 +1,325 @@
+"""TrajectoryPCA: the optimization path on its top PCA directions, over the loss of that plane."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from lightning_landscape import _validation as v
+from lightning_landscape.batches import cache_batches
+from lightning_landscape.callbacks._common import (
+    DATA_SOURCES,
+    analysis_context,
+    build_metrics,
+    check_data_source,
+    check_metric_names,
+    default_dirpath,
+    misconfigured,
+    resolve_batch_loss,
+    select_dataloader,
+    strategy_reduce,
+)
+from lightning_landscape.directions import trainable_parameters
+from lightning_landscape.plots import pca_axis_labels, plot_contour, plot_path
+from lightning_landscape.results import Landscape
+from lightning_landscape.surface import GridEvaluator, surface_from_evaluator
+from lightning_landscape.trackers import log_to_loggers, write_files
+from lightning_landscape.trajectory import (
+    DTYPES,
+    STORAGES,
+    PCAResult,
+    SnapshotStore,
+    TooFewSnapshotsError,
+    check_writable_dir,
+    flatten_parameters,
+    path_range,
+    pca_directions,
+    trajectory_pca,
+)
+
+
+class TrajectoryPCA(Callback):
+    """Snapshot the weights during training; at fit end draw the path on its top two PCA directions.
+
+    Random directions are nearly orthogonal to the optimization path in high
+    dimension, so a path projected on them looks like a dot. Following Li et al.
+    (2018, section 7), the directions here are the top principal directions of
+    M = [θ_0 − θ_n; ...; θ_{n−1} − θ_n] (θ_n the final weights; uncentered by
+    default). The loss is then evaluated on that plane around θ_n, over a range
+    fitted to the path plus ``margin``, and the path is drawn on its contours.
+
+    Snapshots (trainable parameters, flattened) are taken at fit start and then
+    every ``every_n_steps`` optimizer steps or every ``every_n_epochs`` epochs, never
+    in validation hooks (where weight-averaging callbacks swap weights in). They
+    live in CPU memory or in memory-mapped files in ``snapshot_dir``, chosen by
+    ``max_memory_mb``; the PCA streams them through the K x K Gram matrix, so disk
+    mode never holds all snapshots in memory. On a GPU the copy is non-blocking,
+    into pinned memory.
+
+    Logged (rank zero): figures ``trajectory/contour_path`` and ``trajectory/path``,
+    scalars ``trajectory/explained_variance_pc1`` and ``_pc2``, and a ``.npz`` with
+    ``explained_variance_ratio``, ``path`` (K x 2, last row the origin), ``steps``,
+    ``epochs``, ``singular_values``, the grid (``coords_0``, ``coords_1``) and the loss.
+
+    Args:
+        every_n_steps: snapshot every n optimizer steps (exclusive with ``every_n_epochs``).
+        every_n_epochs: snapshot at the end of every n-th epoch.
+        resolution: grid points per axis of the loss surface on the PCA plane.
+        margin: the surface covers the path's extent plus this fraction on each side.
+        storage: ``"auto"`` (memory while within ``max_memory_mb``, then disk),
+            ``"memory"`` or ``"disk"``.
+        max_memory_mb: memory budget for snapshots in ``"auto"`` storage.
+        snapshot_dir: directory for disk snapshots (default: a temporary one);
+            give one to resume an interrupted run from a checkpoint.
+        snapshot_dtype: ``"float32"``, or ``"float16"``/``"bfloat16"`` to halve the size.
+        center: subtract the mean snapshot before the SVD (sklearn-PCA style).
+        data, num_batches, metrics, seed, dirpath, log_scale, progress, loss_fn,
+            enabled: as in :class:`~lightning_landscape.LossSurface`; ``seed``
+            seeds the filler direction of a path that spans fewer than two dimensions.
+        name: prefix of the logged keys and file names.
+
+    Raises:
+        MisconfigurationException: both or neither of ``every_n_steps`` and
+            ``every_n_epochs``, non-positive values, a ``snapshot_dir`` that cannot be
+            written, or any other invalid argument.
+
+    Example:
+        >>> trajectory = TrajectoryPCA(every_n_steps=10, resolution=15)
+        >>> trainer = Trainer(callbacks=[trajectory])  # doctest: +SKIP
+        >>> trainer.fit(model, datamodule)  # doctest: +SKIP
+        >>> trajectory.pca.explained_variance_ratio  # doctest: +SKIP
+        array([0.83, 0.09])
+    """
+
+    def __init__(
+        self,
+        every_n_steps: Optional[int] = None,
+        every_n_epochs: Optional[int] = None,
+        resolution: int = 21,
+        margin: float = 0.25,
+        storage: Literal["auto", "memory", "disk"] = "auto",
+        max_memory_mb: float = 1024.0,
+        snapshot_dir: Optional[str] = None,
+        snapshot_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        center: bool = False,
+        data: Literal["train", "val"] = "train",
+        num_batches: Optional[int] = None,
+        metrics: Optional[list[Union[str, Any]]] = None,
+        seed: int = 0,
+        dirpath: Optional[str] = None,
+        log_scale: bool = False,
+        progress: Optional[bool] = None,
+        loss_fn: Optional[Callable[..., torch.Tensor]] = None,
+        name: str = "trajectory",
+        enabled: bool = True,
+    ) -> None:
+        super().__init__()
+        if (every_n_steps is None) == (every_n_epochs is None):
+            raise MisconfigurationException(
+                f"TrajectoryPCA needs exactly one of `every_n_steps`={every_n_steps!r} and "
+                f"`every_n_epochs`={every_n_epochs!r}; set one to an integer >= 1 and leave the other None."
+            )
+        self.every_n_steps = misconfigured(v.check_positive_int, "every_n_steps", every_n_steps, allow_none=True)
+        self.every_n_epochs = misconfigured(v.check_positive_int, "every_n_epochs", every_n_epochs, allow_none=True)
+        self.resolution = misconfigured(v.check_positive_int, "resolution", resolution)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not np.isfinite(margin) or margin < 0:
+            raise MisconfigurationException(f"`margin`={margin!r} is not valid; expected a finite number >= 0.")
+        self.margin = float(margin)
+        self.storage = misconfigured(v.check_choice, "storage", storage, STORAGES)
+        if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or max_memory_mb < 0:
+            raise MisconfigurationException(f"`max_memory_mb`={max_memory_mb!r} is not valid; expected a number >= 0 (MiB).")
+        self.max_memory_mb = float(max_memory_mb)
+        if snapshot_dir is not None and self.storage != "memory":
+            misconfigured(check_writable_dir, Path(snapshot_dir))
+        self.snapshot_dir = snapshot_dir
+        self.snapshot_dtype = misconfigured(v.check_choice, "snapshot_dtype", snapshot_dtype, DTYPES)
+        self.center = bool(center)
+        self.data = misconfigured(v.check_choice, "data", data, DATA_SOURCES)
+        self.num_batches = misconfigured(v.check_positive_int, "num_batches", num_batches, allow_none=True)
+        self.metrics = misconfigured(check_metric_names, metrics)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise MisconfigurationException(f"`seed`={seed!r} is not valid; expected an integer.")
+        self.seed = seed
+        self.dirpath = dirpath
+        self.log_scale = bool(log_scale)
+        self.progress = progress
+        if loss_fn is not None and not callable(loss_fn):
+            raise MisconfigurationException(f"`loss_fn`={loss_fn!r} is not callable; expected loss_fn(module, batch) -> Tensor.")
+        self.loss_fn = loss_fn
+        self.name = name
+        self.enabled = bool(enabled)
+        self.store: SnapshotStore | None = None
+        self._names: list[str] = []
+        self._restored: dict[str, Any] | None = None
+        #: Results of the last fit: the PCA, the surface on its plane, and the files written (rank zero).
+        self.pca: PCAResult | None = None
+        self.landscape: Landscape | None = None
+        self.files: dict[str, Path] = {}
+
+    # --- checkpointing: counters and paths only ------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.store is None:
+            return {}
+        self.store.flush()
+        return {"store": self.store.state_dict(), "names": list(self._names)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict) or None
+
+    # --- hooks ----------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.enabled and stage == "fit":
+            check_data_source(trainer, self.data, type(self).__name__)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled:
+            return
+        params = trainable_parameters(pl_module)
+        self._names = list(params)
+        self.store = self._open_store(sum(p.numel() for p in params.values()))
+        # A trajectory continued from a checkpoint already holds its start; the uninterrupted run
+        # took no snapshot at the step where the checkpoint was cut, so neither does the resumed one.
+        if len(self.store) == 0:
+            self._snapshot(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.enabled and self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            if not self.store.steps or self.store.steps[-1] != trainer.global_step:  # type: ignore[union-attr]
+                self._snapshot(trainer, pl_module)  # (gradient accumulation: one snapshot per optimizer step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._snapshot(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or self.store is None:
+            return
+        try:
+            self.run(trainer, pl_module)
+        except TooFewSnapshotsError as err:
+            rank_zero_warn(
+                f"TrajectoryPCA: {err} Lower `every_n_steps`/`every_n_epochs` or train longer; no trajectory figure was made."
+            )
+
+    # --- work -----------------------------------------------------------------------------------
+
+    def _open_store(self, num_params: int) -> SnapshotStore:
+        restored, self._restored = self._restored, None
+        if restored and restored.get("store"):
+            try:
+                store = SnapshotStore.from_state_dict(restored["store"], strict=True)
+                if store.num_params == num_params:
+                    return store
+                rank_zero_warn("TrajectoryPCA: the checkpoint's snapshots belong to another model; starting a new trajectory.")
+            except (ValueError, OSError) as err:
+                rank_zero_warn(f"TrajectoryPCA: cannot continue the checkpoint's trajectory ({err}); starting a new one.")
+        return SnapshotStore(
+            num_params,
+            dtype=self.snapshot_dtype,
+            storage=self.storage,
+            max_memory_mb=self.max_memory_mb,
+            snapshot_dir=self.snapshot_dir,
+        )
+
+    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = dict(pl_module.named_parameters())
+        with torch.no_grad():
+            vec = flatten_parameters(params, self._names, device=None)
+        self.store.append(vec, step=trainer.global_step, epoch=trainer.current_epoch)  # type: ignore[union-attr]
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Landscape:
+        """PCA of the snapshots, the surface on that plane (all ranks), then files and logs (rank zero)."""
+        with analysis_context(trainer, pl_module):
+            params = dict(pl_module.named_parameters())
+            with torch.no_grad():
+                final = flatten_parameters(params, self._names)
+            pca = trajectory_pca(
+                self.store,  # type: ignore[arg-type]
+                final,
+                2,
+                center=self.center,
+                final_step=trainer.global_step,
+                final_epoch=trainer.current_epoch,
+                seed=self.seed,
+            )
+            landscape = self._surface(trainer, pl_module, pca)
+        self.pca, self.landscape = pca, landscape
+        if trainer.is_global_zero:
+            self.files = self.publish(trainer, pca, landscape)
+        return landscape
+
+    def _surface(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pca: PCAResult) -> Landscape:
+        device = trainer.strategy.root_device
+        batches = cache_batches(select_dataloader(trainer, self.data), device, self.num_batches)
+        batch_loss, source = resolve_batch_loss(pl_module, self.loss_fn, want_outputs=bool(self.metrics))
+        metrics = {}
+        if self.metrics:
+            pl_module.eval()
+            with torch.no_grad():
+                metrics = build_metrics(self.metrics, batch_loss(pl_module, batches[0])[2])
+        evaluator = GridEvaluator(batches, batch_loss, metrics=metrics, device=device, reduce=strategy_reduce(trainer))
+        like = {n: p for n, p in pl_module.named_parameters() if n in set(self._names)}
+        directions = pca_directions(pca, like)
+        coords = [np.linspace(lo, hi, self.resolution) for lo, hi in path_range(pca.path, self.margin)]
+        metadata = {
+            "kind": "trajectory",
+            "axis_labels": pca_axis_labels(pca.explained_variance_ratio),
+            "centered": pca.centered,
+            "rank": pca.rank,
+            "data": self.data,
+            "loss_source": source,
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "num_snapshots": len(self.store),  # type: ignore[arg-type]
+            "snapshot_dtype": self.snapshot_dtype,
+        }
+        landscape = surface_from_evaluator(pl_module, evaluator, directions, coords, progress=self.progress, metadata=metadata)
+        landscape.extras.update(
+            explained_variance_ratio=np.asarray(pca.explained_variance_ratio, dtype=np.float64),
+            singular_values=np.asarray(pca.singular_values, dtype=np.float64),
+            path=np.asarray(pca.path, dtype=np.float64),
+            steps=np.asarray(pca.steps, dtype=np.int64),
+            epochs=np.asarray(pca.epochs, dtype=np.int64),
+        )
+        return landscape
+
+    def publish(self, trainer: pl.Trainer, pca: PCAResult, landscape: Landscape) -> dict[str, Path]:
+        """Write the files and log to every logger (rank zero only)."""
+        epochs = np.asarray(pca.epochs)
+        # One marker where each epoch's snapshots begin.
+        epoch_starts = np.flatnonzero(np.r_[True, epochs[1:] != epochs[:-1]])
+        figures = {
+            "contour_path": plot_contour(
+                landscape, path=pca.path, path_markers=epoch_starts, log_scale=self.log_scale,
+                title="loss on the PCA plane, with the optimization path",
+            ),
+            "path": plot_path(pca.path, epochs=epochs, explained_variance_ratio=pca.explained_variance_ratio),
+        }
+        dirpath = default_dirpath(trainer, self.dirpath)
+        files = write_files(dirpath, self.name, landscape, figures)
+        evr = pca.explained_variance_ratio
+        scalars = {"explained_variance_pc1": float(evr[0]), "explained_variance_pc2": float(evr[1])}
+        scalars["center_loss"] = float(landscape.metadata["center_loss"])
+        log_to_loggers(trainer.loggers, self.name, step=trainer.global_step, scalars=scalars, figures=figures, files=files,
+                       artifact_type="trajectory")
+        rank_zero_info(
+            f"[TrajectoryPCA] {len(pca.path)} points; PC1 {100 * evr[0]:.1f}%, PC2 {100 * evr[1]:.1f}% "
+            f"of the variation; files in {dirpath}"
+        )
+        return files
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Memory snapshots are dropped with the store; disk ones stay where the user put them.
+        if self.store is not None and self.snapshot_dir is None:
+            self.store.close(delete=True)
+            self.store = None
