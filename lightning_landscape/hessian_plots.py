@@ -9,35 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lightning_landscape.hessian import HessianReport
+from lightning_landscape.plots import _axis_labels, _new_figure
+from lightning_landscape.plots import _masked as _masked_values
 from lightning_landscape.results import Landscape
-
-# The few helpers below mirror those of plots.py on purpose: private helpers there may change
-# shape with the surface figures, and these figures should not break when they do.
-
-
-def _new_figure(figsize: tuple[float, float] = (5.5, 4.5)) -> Figure:
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _masked(values: Any, positive: bool = False) -> np.ma.MaskedArray:
-    """Mask non-finite values (and non-positive ones for a log axis) so they are not drawn."""
-    values = np.asarray(values, dtype=np.float64)
-    invalid = ~np.isfinite(values)
-    if positive:
-        invalid |= values <= 0
-    return np.ma.masked_array(values, mask=invalid)
-
-
-def _axis_labels(landscape: Landscape) -> tuple[str, str]:
-    labels = list(landscape.metadata.get("axis_labels") or ["α (direction 1)", "β (direction 2)"])
-    return (labels + ["", ""])[0], (labels + ["", ""])[1]
-
 
 def _mark_extremes(ax, report: HessianReport) -> None:
     ax.axvline(report.lambda_max, color="tab:red", lw=0.9, ls="--", label=f"λmax = {report.lambda_max:.4g}")
@@ -65,7 +42,7 @@ def plot_density(report: HessianReport, *, title: str | None = None) -> Figure:
         raise ValueError("`report` holds no spectral density; expected a report of hessian_check(..., density=True).")
     fig = _new_figure()
     ax = fig.add_subplot()
-    density = _masked(report.density, positive=True)
+    density = _masked_values(report.density, True)
     ax.plot(report.density_grid, density, color="k", lw=1.0)
     ax.fill_between(report.density_grid, density.filled(np.nan), alpha=0.15, color="0.3")
     _mark_extremes(ax, report)
@@ -125,7 +102,7 @@ def plot_ratio_map(landscape: Landscape, *, levels: int = 20, title: str | None 
     fig = _new_figure(figsize=(10.5, 4.5))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     xl, yl = _axis_labels(landscape)
-    ratio, loss = _masked(landscape.values["ratio"]), _masked(landscape.loss)
+    ratio, loss = _masked_values(landscape.values["ratio"]), _masked_values(landscape.loss)
     if landscape.dims == 1:
         x = landscape.coords[0]
         left.plot(x, ratio, marker="o", color="tab:purple")

@@ -23,7 +23,7 @@ def _new_figure(figsize: tuple[float, float] = (5.5, 4.5), **kwargs: Any) -> Fig
     return fig
 
 
-def _masked(values: np.ndarray, log_scale: bool) -> np.ma.MaskedArray:
+def _masked(values: np.ndarray, log_scale: bool = False) -> np.ma.MaskedArray:
     values = np.asarray(values, dtype=np.float64)
     invalid = ~np.isfinite(values)
     if log_scale:
