@@ -2,14 +2,16 @@
 
 Filter-normalized loss surfaces (Li et al., NeurIPS 2018), linear interpolation
 (Goodfellow et al., 2015), optimization trajectories on their PCA plane, and the
-figures that show them. The functional core imports no Lightning; the callbacks
-(``LossSurface``, ``TrajectoryPCA``) load it on first use.
+figures that show them; Hessian checks (λmax, λmin, |λmin/λmax|, trace, density). The functional core imports no Lightning; the callbacks
+(``LossSurface``, ``TrajectoryPCA``, ``HessianSpectrum``) load it on first use.
 """
 
 from typing import Any
 
 from lightning_landscape._versions import package_version as _package_version
 from lightning_landscape.directions import random_direction
+from lightning_landscape.hessian import HessianOperator, HessianReport, hessian_check, ratio_map
+from lightning_landscape.hessian_plots import plot_density, plot_eigenvalues, plot_ratio_map
 from lightning_landscape.plots import (
     landscape_figures,
     plot_contour,
@@ -25,7 +27,7 @@ from lightning_landscape.trajectory import PCAResult, SnapshotStore, TooFewSnaps
 
 __version__ = _package_version()
 
-_CALLBACKS = {"LossSurface", "TrajectoryPCA"}
+_CALLBACKS = {"HessianSpectrum", "LossSurface", "TrajectoryPCA"}
 
 
 def __getattr__(name: str) -> Any:
@@ -39,6 +41,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "GridEvaluator",
+    "HessianOperator",
+    "HessianReport",
+    "HessianSpectrum",
     "Landscape",
     "LossSurface",
     "ModelState",
@@ -46,16 +51,21 @@ __all__ = [
     "SnapshotStore",
     "TooFewSnapshotsError",
     "TrajectoryPCA",
+    "hessian_check",
     "interpolate",
     "landscape_figures",
     "loss_surface",
     "make_batch_loss",
     "plot_contour",
+    "plot_density",
+    "plot_eigenvalues",
+    "plot_ratio_map",
     "plot_curve",
     "plot_heatmap",
     "plot_surface_3d",
     "plotly_surface",
     "preserved_state",
     "random_direction",
+    "ratio_map",
     "trajectory_pca",
 ]

@@ -127,12 +127,13 @@ def _log_wandb(
     payload["trainer/global_step"] = step
     run.log(payload)
     run.summary.update(dict(named))
-    npz = files.get("npz")
-    if npz is not None:
+    arrays = [Path(p) for p in files.values() if Path(p).suffix == ".npz"]
+    if arrays:
         artifact = wandb.Artifact(name=f"{prefix.replace('/', '-')}-{run.id}", type=artifact_type)
-        artifact.add_file(str(npz))
+        for path in arrays:
+            artifact.add_file(str(path))
+            # Also a plain run file (a copy, not a link), so the arrays sit in the run directory next to the images.
+            copy = Path(run.dir) / path.name
+            shutil.copy2(path, copy)
+            run.save(str(copy), base_path=run.dir, policy="now")
         run.log_artifact(artifact)
-        # Also a plain run file (a copy, not a link), so the arrays sit in the run directory next to the images.
-        copy = Path(run.dir) / Path(npz).name
-        shutil.copy2(npz, copy)
-        run.save(str(copy), base_path=run.dir, policy="now")

@@ -1,6 +1,7 @@
 """Lightning callbacks: thin wrappers that pick the moment, the data and the loss."""
 
+from lightning_landscape.callbacks.hessian import HessianSpectrum
 from lightning_landscape.callbacks.loss_surface import LossSurface
 from lightning_landscape.callbacks.trajectory import TrajectoryPCA
 
-__all__ = ["LossSurface", "TrajectoryPCA"]
+__all__ = ["HessianSpectrum", "LossSurface", "TrajectoryPCA"]

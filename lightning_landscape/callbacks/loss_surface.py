@@ -27,6 +27,8 @@ from lightning_landscape.callbacks._common import (
     strategy_reduce,
 )
 from lightning_landscape.directions import IGNORES, NORMS, random_direction
+from lightning_landscape.hessian import ratio_map
+from lightning_landscape.hessian_plots import plot_ratio_map
 from lightning_landscape.plots import landscape_figures, plotly_surface
 from lightning_landscape.results import Landscape
 from lightning_landscape.surface import GridEvaluator, surface_from_evaluator
@@ -74,6 +76,11 @@ class LossSurface(Callback):
         interactive: log an interactive plotly surface to W&B (needs plotly).
         progress: show a progress bar (None = only on a terminal).
         loss_fn: ``loss_fn(module, batch) -> Tensor`` (Python only).
+        ratio_map: also compute |λmin/λmax| of the Hessian at every point of a coarse
+            ``ratio_resolution`` x ``ratio_resolution`` grid over the same plane (Li et al.
+            2018, Fig. 7) and draw it beside the loss contours (2-D only; each point costs
+            a Lanczos run, dozens of Hessian-vector products).
+        ratio_resolution: grid points per axis of the ratio map.
         name: prefix of the logged keys and file names.
         enabled: turn the callback off without removing it (e.g. from the CLI).
 
@@ -109,6 +116,8 @@ class LossSurface(Callback):
         interactive: bool = True,
         progress: Optional[bool] = None,
         loss_fn: Optional[Callable[..., torch.Tensor]] = None,
+        ratio_map: bool = False,
+        ratio_resolution: int = 5,
         name: str = "loss_surface",
         enabled: bool = True,
     ) -> None:
@@ -134,10 +143,15 @@ class LossSurface(Callback):
         if loss_fn is not None and not callable(loss_fn):
             misconfigured(_raise, f"`loss_fn`={loss_fn!r} is not callable; expected loss_fn(module, batch) -> Tensor.")
         self.loss_fn = loss_fn
+        self.ratio_map = bool(ratio_map)
+        if self.ratio_map and self.dims != 2:
+            misconfigured(_raise, f"`ratio_map`=True needs a 2-D surface; got `dims`={self.dims}.")
+        self.ratio_resolution = misconfigured(v.check_positive_int, "ratio_resolution", ratio_resolution)
         self.name = name
         self.enabled = bool(enabled)
-        #: The last computed landscape (on every rank) and the files written (rank zero).
+        #: The last computed landscape and ratio map (on every rank) and the files written (rank zero).
         self.landscape: Landscape | None = None
+        self.ratio_landscape: Landscape | None = None
         self.files: dict[str, Path] = {}
 
     # --- hooks ------------------------------------------------------------------------------
@@ -164,14 +178,18 @@ class LossSurface(Callback):
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, suffix: str = "") -> Landscape:
         """Compute the landscape now (all ranks), then write and log it (rank zero)."""
         with analysis_context(trainer, pl_module):
-            landscape = self.compute(trainer, pl_module)
-        self.landscape = landscape
+            evaluator, directions, metadata = self._prepare(trainer, pl_module)
+            landscape = surface_from_evaluator(
+                pl_module, evaluator, directions, self.coordinates(), progress=self.progress, metadata=metadata
+            )
+            ratio = self._ratio_map(trainer, pl_module, evaluator, directions) if self.ratio_map else None
+        self.landscape, self.ratio_landscape = landscape, ratio
         if trainer.is_global_zero:
-            self.files = self.publish(trainer, landscape, suffix)
+            self.files = self.publish(trainer, landscape, suffix, ratio)
         return landscape
 
-    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Landscape:
-        """The surface around the module's current weights (inside :func:`analysis_context`)."""
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[GridEvaluator, list, dict[str, Any]]:
+        """The evaluator over cached batches, the directions and the metadata (inside :func:`analysis_context`)."""
         device = trainer.strategy.root_device
         batches = cache_batches(select_dataloader(trainer, self.data), device, self.num_batches)
         batch_loss, source = resolve_batch_loss(pl_module, self.loss_fn, want_outputs=bool(self.metrics))
@@ -196,7 +214,15 @@ class LossSurface(Callback):
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,
         }
-        return surface_from_evaluator(pl_module, evaluator, directions, self.coordinates(), progress=self.progress, metadata=metadata)
+        return evaluator, directions, metadata
+
+    def _ratio_map(self, trainer: pl.Trainer, pl_module: pl.LightningModule, evaluator: GridEvaluator, directions: list) -> Landscape:
+        ranges = self.axis_ranges or [[-self.span, self.span]] * self.dims
+        coarse = [np.linspace(lo, hi, self.ratio_resolution) for lo, hi in ranges]
+        return ratio_map(
+            pl_module, evaluator.batches, directions, coarse, batch_loss=evaluator.batch_loss,
+            seed=self.seed, progress=self.progress, reduce=strategy_reduce(trainer),
+        )
 
     def summary_scalars(self, landscape: Landscape) -> dict[str, float]:
         """Loss at the centre and the mean loss rise at radius 0.25·span and span."""
@@ -208,11 +234,21 @@ class LossSurface(Callback):
             "loss_rise_span": s[f"loss_rise@{reach:g}"],
         }
 
-    def publish(self, trainer: pl.Trainer, landscape: Landscape, suffix: str = "") -> dict[str, Path]:
+    def publish(
+        self, trainer: pl.Trainer, landscape: Landscape, suffix: str = "", ratio: Landscape | None = None
+    ) -> dict[str, Path]:
         """Write the files and log to every logger (rank zero only)."""
         figures = landscape_figures(landscape, log_scale=self.log_scale)
         dirpath = default_dirpath(trainer, self.dirpath)
         files = write_files(dirpath, f"{self.name}{suffix}", landscape, figures)
+        scalars = self.summary_scalars(landscape)
+        if ratio is not None:
+            ratio_figures = {"ratio_map": plot_ratio_map(ratio)}
+            ratio_files = write_files(dirpath, f"{self.name}_ratio_map{suffix}", ratio, ratio_figures)
+            figures.update(ratio_figures)
+            files.update(ratio_map=ratio_files["ratio_map"], ratio_npz=ratio_files["npz"])
+            center = tuple(int(np.argmin(np.abs(c))) for c in ratio.coords)
+            scalars["ratio_at_center"] = float(ratio.values["ratio"][center])
         plotly_fig = None
         if self.interactive and landscape.dims == 2:
             try:
@@ -223,7 +259,7 @@ class LossSurface(Callback):
             trainer.loggers,
             self.name,
             step=trainer.global_step,
-            scalars=self.summary_scalars(landscape),
+            scalars=scalars,
             figures=figures,
             files=files,
             plotly_figure=plotly_fig,

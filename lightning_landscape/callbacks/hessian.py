@@ -1,0 +1,176 @@
+"""HessianSpectrum: curvature checks of the trained weights at fit end."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal, Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+from lightning_landscape import _validation as v
+from lightning_landscape.batches import cache_batches
+from lightning_landscape.callbacks._common import (
+    DATA_SOURCES,
+    analysis_context,
+    check_data_source,
+    default_dirpath,
+    misconfigured,
+    resolve_batch_loss,
+    select_dataloader,
+    strategy_reduce,
+)
+from lightning_landscape.directions import trainable_parameters
+from lightning_landscape.hessian import HessianReport, hessian_check
+from lightning_landscape.hessian_plots import plot_density, plot_eigenvalues
+from lightning_landscape.trackers import log_to_loggers, write_files
+
+
+class HessianSpectrum(Callback):
+    """At fit end: the Hessian's top eigenvalues, λmin, |λmin/λmax|, trace and spectral density.
+
+    A 2-D slice can look convex while the full loss is not; Li et al. (2018,
+    section 6.6) check it with the extreme eigenvalues: a small |λmin/λmax| means
+    the apparent convexity is real, a large one means strong negative curvature.
+    λmax and the trace are the sharpness numbers compared across batch sizes and
+    optimizers (Keskar et al. 2017).
+
+    The Hessian is that of the sample-weighted mean loss over ``num_batches``
+    batches of the train (or val) data, in eval mode (BatchNorm running
+    statistics, no dropout), w.r.t. the trainable parameters; the loss comes from
+    ``loss_fn``, ``landscape_step`` or ``training_step`` as in
+    :class:`~lightning_landscape.LossSurface`. Eigenvalues by Lanczos, the trace by
+    Hutch++, the density by stochastic Lanczos quadrature.
+
+    Logged (rank zero): scalars ``hessian/lambda_max``, ``hessian/lambda_min``,
+    ``hessian/ratio``, ``hessian/trace``; the top-k eigenvalues as a W&B table;
+    figures ``hessian/density`` (log-scale y) and ``hessian/eigenvalues``; the
+    ``.npz`` as an artifact of type ``hessian`` and in ``dirpath``.
+
+    Args:
+        top_k: how many of the largest eigenvalues (>= 1, at most the number of parameters).
+        lambda_min: also compute λmin and the ratio |λmin/λmax|.
+        trace: estimate the trace (with a standard error).
+        density: estimate the spectral density.
+        tol: relative accuracy of the eigenvalues (> 0).
+        seed: seeds the Lanczos start vector and the random probes.
+        data: ``"train"`` or ``"val"``.
+        num_batches: use at most this many batches (None = all); each Hessian-vector
+            product costs about three gradient evaluations over them.
+        dirpath: where files go (default ``<trainer.log_dir>/landscape``).
+        loss_fn: ``loss_fn(module, batch) -> Tensor`` (Python only).
+        name: prefix of the logged keys and file names.
+        enabled: turn the callback off without removing it.
+
+    Raises:
+        MisconfigurationException: on an invalid argument (``__init__``), a ``top_k``
+            larger than the number of trainable parameters, or ``data="val"`` without
+            validation data (both at ``setup``, before training).
+
+    Example:
+        >>> spectrum = HessianSpectrum(top_k=3, trace=True, num_batches=4)
+        >>> trainer = Trainer(callbacks=[spectrum])  # doctest: +SKIP
+        >>> trainer.fit(model, datamodule)  # doctest: +SKIP
+        >>> spectrum.report.ratio  # doctest: +SKIP
+        0.0048
+    """
+
+    def __init__(
+        self,
+        top_k: int = 1,
+        lambda_min: bool = True,
+        trace: bool = True,
+        density: bool = True,
+        tol: float = 1e-3,
+        seed: int = 0,
+        data: Literal["train", "val"] = "train",
+        num_batches: Optional[int] = None,
+        dirpath: Optional[str] = None,
+        loss_fn: Optional[Callable[..., torch.Tensor]] = None,
+        name: str = "hessian",
+        enabled: bool = True,
+    ) -> None:
+        super().__init__()
+        self.top_k = misconfigured(v.check_positive_int, "top_k", top_k)
+        self.lambda_min = bool(lambda_min)
+        self.trace = bool(trace)
+        self.density = bool(density)
+        self.tol = misconfigured(v.check_positive_float, "tol", tol)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise MisconfigurationException(f"`seed`={seed!r} is not valid; expected an integer.")
+        self.seed = seed
+        self.data = misconfigured(v.check_choice, "data", data, DATA_SOURCES)
+        self.num_batches = misconfigured(v.check_positive_int, "num_batches", num_batches, allow_none=True)
+        self.dirpath = dirpath
+        if loss_fn is not None and not callable(loss_fn):
+            raise MisconfigurationException(f"`loss_fn`={loss_fn!r} is not callable; expected loss_fn(module, batch) -> Tensor.")
+        self.loss_fn = loss_fn
+        self.name = name
+        self.enabled = bool(enabled)
+        #: The last report (every rank) and the files written (rank zero).
+        self.report: HessianReport | None = None
+        self.files: dict[str, Path] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not (self.enabled and stage == "fit"):
+            return
+        check_data_source(trainer, self.data, type(self).__name__)
+        num_params = sum(p.numel() for p in misconfigured(trainable_parameters, pl_module).values())
+        if self.top_k > num_params:
+            raise MisconfigurationException(
+                f"`top_k`={self.top_k} is larger than the model's {num_params} trainable parameters; "
+                f"expected an integer from 1 to {num_params}."
+            )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.enabled:
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> HessianReport:
+        """Compute the report now (all ranks), then write and log it (rank zero)."""
+        with analysis_context(trainer, pl_module):
+            batches = cache_batches(select_dataloader(trainer, self.data), trainer.strategy.root_device, self.num_batches)
+            batch_loss, source = resolve_batch_loss(pl_module, self.loss_fn, want_outputs=False)
+            report = hessian_check(
+                pl_module,
+                batches,
+                batch_loss=batch_loss,
+                top_k=self.top_k,
+                lambda_min=self.lambda_min,
+                trace=self.trace,
+                density=self.density,
+                tol=self.tol,
+                seed=self.seed,
+                reduce=strategy_reduce(trainer),
+            )
+        report.metadata.update(loss_source=source, data=self.data, global_step=trainer.global_step)
+        self.report = report
+        if trainer.is_global_zero:
+            self.files = self.publish(trainer, report)
+        return report
+
+    def publish(self, trainer: pl.Trainer, report: HessianReport) -> dict[str, Path]:
+        """Write the files and log to every logger (rank zero only)."""
+        figures = {"eigenvalues": plot_eigenvalues(report)}
+        if report.density is not None:
+            figures["density"] = plot_density(report)
+        dirpath = default_dirpath(trainer, self.dirpath)
+        files = write_files(dirpath, self.name, report, figures)
+        rows = [[i + 1, float(value)] for i, value in enumerate(report.eigenvalues)]
+        log_to_loggers(
+            trainer.loggers,
+            self.name,
+            step=trainer.global_step,
+            scalars=report.scalars(),
+            figures=figures,
+            files=files,
+            artifact_type="hessian",
+            tables={"top_eigenvalues": (["rank", "eigenvalue"], rows)},
+        )
+        ratio = f", |λmin/λmax| = {report.ratio:.3g}" if report.ratio is not None else ""
+        rank_zero_info(f"[HessianSpectrum] λmax = {report.lambda_max:.4g}{ratio}; files in {dirpath}")
+        return files
