@@ -6,7 +6,6 @@ is a ``matplotlib.figure.Figure`` with an Agg canvas, safe in headless jobs.
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure

@@ -17,7 +17,6 @@ from torch.nn import functional as F
 from lightning_landscape import HessianReport, HessianSpectrum, LossSurface
 from lightning_landscape.state import capture_state
 
-from .helpers import small_fit
 
 
 def exact_hessian_eigenvalues(model, x, y) -> np.ndarray:

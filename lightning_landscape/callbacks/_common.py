@@ -11,11 +11,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from lightning_landscape.batches import count_samples, default_forward, model_device
 from lightning_landscape.state import preserved_state
-from lightning_landscape.surface import BatchLoss
+from lightning_landscape.batches import cache_batches
+from lightning_landscape.surface import BatchLoss, GridEvaluator
 
 #: ``loss_fn(module, batch) -> Tensor``: the batch-mean loss of a LightningModule.
 ModuleLossFn = Callable[[pl.LightningModule, Any], torch.Tensor]
@@ -171,3 +171,40 @@ def strategy_reduce(trainer: pl.Trainer) -> Callable[[torch.Tensor], torch.Tenso
         return trainer.strategy.reduce(sums, reduce_op="sum")
 
     return reduce
+
+
+def build_evaluator(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    *,
+    data: str,
+    num_batches: int | None,
+    loss_fn: ModuleLossFn | None,
+    metrics: Sequence[Any],
+) -> tuple[GridEvaluator, str]:
+    """The grid evaluator every callback uses: the fit's batches cached on the strategy's device,
+    the module's loss (see :func:`resolve_batch_loss`), metrics sized from one forward pass, and
+    per-point sums reduced across processes. Returns it with the name of the loss source."""
+    device = trainer.strategy.root_device
+    batches = cache_batches(select_dataloader(trainer, data), device, num_batches)
+    batch_loss, source = resolve_batch_loss(pl_module, loss_fn, want_outputs=bool(metrics))
+    built = {}
+    if metrics:
+        pl_module.eval()
+        with torch.no_grad():
+            built = build_metrics(metrics, batch_loss(pl_module, batches[0])[2])
+    return GridEvaluator(batches, batch_loss, metrics=built, device=device, reduce=strategy_reduce(trainer)), source
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` must be an int (not a bool)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise MisconfigurationException(f"`seed`={seed!r} is not valid; expected an integer.")
+    return seed
+
+
+def check_loss_fn(loss_fn: Any) -> Any:
+    """``loss_fn`` must be None or a callable ``loss_fn(module, batch) -> Tensor``."""
+    if loss_fn is not None and not callable(loss_fn):
+        raise MisconfigurationException(f"`loss_fn`={loss_fn!r} is not callable; expected loss_fn(module, batch) -> Tensor.")
+    return loss_fn

@@ -13,15 +13,15 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from lightning_landscape import _validation as v
-from lightning_landscape.batches import cache_batches
 from lightning_landscape.callbacks._common import (
     DATA_SOURCES,
     analysis_context,
+    build_evaluator,
     check_data_source,
+    check_loss_fn,
+    check_seed,
     default_dirpath,
     misconfigured,
-    resolve_batch_loss,
-    select_dataloader,
     strategy_reduce,
 )
 from lightning_landscape.directions import trainable_parameters
@@ -100,15 +100,11 @@ class HessianSpectrum(Callback):
         self.trace = bool(trace)
         self.density = bool(density)
         self.tol = misconfigured(v.check_positive_float, "tol", tol)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise MisconfigurationException(f"`seed`={seed!r} is not valid; expected an integer.")
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.data = misconfigured(v.check_choice, "data", data, DATA_SOURCES)
         self.num_batches = misconfigured(v.check_positive_int, "num_batches", num_batches, allow_none=True)
         self.dirpath = dirpath
-        if loss_fn is not None and not callable(loss_fn):
-            raise MisconfigurationException(f"`loss_fn`={loss_fn!r} is not callable; expected loss_fn(module, batch) -> Tensor.")
-        self.loss_fn = loss_fn
+        self.loss_fn = check_loss_fn(loss_fn)
         self.name = name
         self.enabled = bool(enabled)
         #: The last report (every rank) and the files written (rank zero).
@@ -133,12 +129,13 @@ class HessianSpectrum(Callback):
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> HessianReport:
         """Compute the report now (all ranks), then write and log it (rank zero)."""
         with analysis_context(trainer, pl_module):
-            batches = cache_batches(select_dataloader(trainer, self.data), trainer.strategy.root_device, self.num_batches)
-            batch_loss, source = resolve_batch_loss(pl_module, self.loss_fn, want_outputs=False)
+            evaluator, source = build_evaluator(
+                trainer, pl_module, data=self.data, num_batches=self.num_batches, loss_fn=self.loss_fn, metrics=()
+            )
             report = hessian_check(
                 pl_module,
-                batches,
-                batch_loss=batch_loss,
+                evaluator.batches,
+                batch_loss=evaluator.batch_loss,
                 top_k=self.top_k,
                 lambda_min=self.lambda_min,
                 trace=self.trace,

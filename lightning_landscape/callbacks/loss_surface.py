@@ -13,17 +13,16 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from lightning_landscape import _validation as v
-from lightning_landscape.batches import cache_batches
 from lightning_landscape.callbacks._common import (
     DATA_SOURCES,
     analysis_context,
-    build_metrics,
+    build_evaluator,
     check_data_source,
+    check_loss_fn,
     check_metric_names,
+    check_seed,
     default_dirpath,
     misconfigured,
-    resolve_batch_loss,
-    select_dataloader,
     strategy_reduce,
 )
 from lightning_landscape.directions import IGNORES, NORMS, random_direction
@@ -128,9 +127,7 @@ class LossSurface(Callback):
         self.axis_ranges = misconfigured(_check_axis_ranges, axis_ranges, self.dims)
         self.norm = misconfigured(v.check_choice, "norm", norm, NORMS)
         self.ignore = misconfigured(v.check_choice, "ignore", ignore, IGNORES)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            misconfigured(_raise, f"`seed`={seed!r} is not valid; expected an integer.")
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.orthogonal = bool(orthogonal)
         self.data = misconfigured(v.check_choice, "data", data, DATA_SOURCES)
         self.num_batches = misconfigured(v.check_positive_int, "num_batches", num_batches, allow_none=True)
@@ -140,9 +137,7 @@ class LossSurface(Callback):
         self.log_scale = bool(log_scale)
         self.interactive = bool(interactive)
         self.progress = progress
-        if loss_fn is not None and not callable(loss_fn):
-            misconfigured(_raise, f"`loss_fn`={loss_fn!r} is not callable; expected loss_fn(module, batch) -> Tensor.")
-        self.loss_fn = loss_fn
+        self.loss_fn = check_loss_fn(loss_fn)
         self.ratio_map = bool(ratio_map)
         if self.ratio_map and self.dims != 2:
             misconfigured(_raise, f"`ratio_map`=True needs a 2-D surface; got `dims`={self.dims}.")
@@ -190,15 +185,9 @@ class LossSurface(Callback):
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[GridEvaluator, list, dict[str, Any]]:
         """The evaluator over cached batches, the directions and the metadata (inside :func:`analysis_context`)."""
-        device = trainer.strategy.root_device
-        batches = cache_batches(select_dataloader(trainer, self.data), device, self.num_batches)
-        batch_loss, source = resolve_batch_loss(pl_module, self.loss_fn, want_outputs=bool(self.metrics))
-        metrics = {}
-        if self.metrics:
-            pl_module.eval()
-            with torch.no_grad():
-                metrics = build_metrics(self.metrics, batch_loss(pl_module, batches[0])[2])
-        evaluator = GridEvaluator(batches, batch_loss, metrics=metrics, device=device, reduce=strategy_reduce(trainer))
+        evaluator, source = build_evaluator(
+            trainer, pl_module, data=self.data, num_batches=self.num_batches, loss_fn=self.loss_fn, metrics=self.metrics
+        )
         first = random_direction(pl_module, norm=self.norm, ignore=self.ignore, seed=self.seed)
         directions = [first]
         if self.dims == 2:

@@ -14,23 +14,21 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_landscape import _validation as v
-from lightning_landscape.batches import cache_batches
 from lightning_landscape.callbacks._common import (
     DATA_SOURCES,
     analysis_context,
-    build_metrics,
+    build_evaluator,
     check_data_source,
+    check_loss_fn,
     check_metric_names,
+    check_seed,
     default_dirpath,
     misconfigured,
-    resolve_batch_loss,
-    select_dataloader,
-    strategy_reduce,
 )
 from lightning_landscape.directions import trainable_parameters
 from lightning_landscape.plots import pca_axis_labels, plot_contour, plot_path
 from lightning_landscape.results import Landscape
-from lightning_landscape.surface import GridEvaluator, surface_from_evaluator
+from lightning_landscape.surface import surface_from_evaluator
 from lightning_landscape.trackers import log_to_loggers, write_files
 from lightning_landscape.trajectory import (
     DTYPES,
@@ -145,15 +143,11 @@ class TrajectoryPCA(Callback):
         self.data = misconfigured(v.check_choice, "data", data, DATA_SOURCES)
         self.num_batches = misconfigured(v.check_positive_int, "num_batches", num_batches, allow_none=True)
         self.metrics = misconfigured(check_metric_names, metrics)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise MisconfigurationException(f"`seed`={seed!r} is not valid; expected an integer.")
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.dirpath = dirpath
         self.log_scale = bool(log_scale)
         self.progress = progress
-        if loss_fn is not None and not callable(loss_fn):
-            raise MisconfigurationException(f"`loss_fn`={loss_fn!r} is not callable; expected loss_fn(module, batch) -> Tensor.")
-        self.loss_fn = loss_fn
+        self.loss_fn = check_loss_fn(loss_fn)
         self.name = name
         self.enabled = bool(enabled)
         self.store: SnapshotStore | None = None
@@ -259,15 +253,9 @@ class TrajectoryPCA(Callback):
         return landscape
 
     def _surface(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pca: PCAResult) -> Landscape:
-        device = trainer.strategy.root_device
-        batches = cache_batches(select_dataloader(trainer, self.data), device, self.num_batches)
-        batch_loss, source = resolve_batch_loss(pl_module, self.loss_fn, want_outputs=bool(self.metrics))
-        metrics = {}
-        if self.metrics:
-            pl_module.eval()
-            with torch.no_grad():
-                metrics = build_metrics(self.metrics, batch_loss(pl_module, batches[0])[2])
-        evaluator = GridEvaluator(batches, batch_loss, metrics=metrics, device=device, reduce=strategy_reduce(trainer))
+        evaluator, source = build_evaluator(
+            trainer, pl_module, data=self.data, num_batches=self.num_batches, loss_fn=self.loss_fn, metrics=self.metrics
+        )
         like = {n: p for n, p in pl_module.named_parameters() if n in set(self._names)}
         directions = pca_directions(pca, like)
         coords = [np.linspace(lo, hi, self.resolution) for lo, hi in path_range(pca.path, self.margin)]
