@@ -152,6 +152,8 @@ class TrajectoryPCA(Callback):
         self.enabled = bool(enabled)
         self.store: SnapshotStore | None = None
         self._names: list[str] = []
+        self._views: list[torch.Tensor] = []
+        self._buffer: torch.Tensor | None = None
         self._restored: dict[str, Any] | None = None
         #: Results of the last fit: the PCA, the surface on its plane, and the files written (rank zero).
         self.pca: PCAResult | None = None
@@ -180,6 +182,12 @@ class TrajectoryPCA(Callback):
             return
         params = trainable_parameters(pl_module)
         self._names = list(params)
+        # Snapshots are written through flat views into one buffer allocated once: a fresh
+        # P-sized tensor per step would cost time on the training path and fragment the heap.
+        views = [p.detach().view(-1) for p in params.values()] if all(p.is_contiguous() for p in params.values()) else []
+        same_dtype = bool(views) and all(v.dtype == torch.float32 for v in views)
+        self._views = views if same_dtype else []
+        self._buffer = torch.empty(sum(p.numel() for p in params.values()), dtype=torch.float32, device=views[0].device) if self._views else None
         self.store = self._open_store(sum(p.numel() for p in params.values()))
         # A trajectory continued from a checkpoint already holds its start; the uninterrupted run
         # took no snapshot at the step where the checkpoint was cut, so neither does the resumed one.
@@ -226,9 +234,11 @@ class TrajectoryPCA(Callback):
         )
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        params = dict(pl_module.named_parameters())
         with torch.no_grad():
-            vec = flatten_parameters(params, self._names, device=None)
+            if self._buffer is not None:
+                vec = torch.cat(self._views, out=self._buffer)
+            else:
+                vec = flatten_parameters(dict(pl_module.named_parameters()), self._names, device=None)
         self.store.append(vec, step=trainer.global_step, epoch=trainer.current_epoch)  # type: ignore[union-attr]
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Landscape:
