@@ -10,12 +10,12 @@ Printed, side by side:
 - the exact λmax, λmin and trace: the dense float64 Hessian, built batch by batch with plain
   batched double backward (``torch.autograd.grad(..., is_grads_batched=True)`` on the identity,
   no code shared with the package), and ``numpy.linalg.eigvalsh``;
-- for this package (Lanczos, ARPACK ``eigsh`` on :class:`HessianOperator`) and PyHessian 0.1
+- for this package (one Lanczos run for both ends on :class:`HessianOperator`) and PyHessian 0.1
   (power iteration, ``hessian(...).eigenvalues``): the Hessian-vector products (HVPs, full passes
   over the data) and wall time to reach 1e-3 relative accuracy for λmax and 1e-2 for λmin.
   Each method's own stopping rule is swept over its ``tol`` and the loosest tol that reaches the
   target is reported; "oracle" rows give the first HVP after which the estimate stays within the
-  target (plain Lanczos Ritz values / PyHessian's power-iteration Rayleigh quotients), i.e. the
+  target (our Lanczos's Ritz values / PyHessian's power-iteration Rayleigh quotients), i.e. the
   algorithm's speed independent of any stopping rule;
 - the trace estimates (ours Hutch++ and Hutchinson, PyHessian's Hutchinson with its default
   stopping rule) with their error against the exact trace;
@@ -49,7 +49,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.digits import digits_cnn, load_digits_tensors  # noqa: E402
-from lightning_landscape.hessian import HessianOperator, _eigsh_end, _trace_estimate, hessian_check  # noqa: E402
+from lightning_landscape.hessian import HessianOperator, _lanczos_extremes, _seed_streams, _trace_estimate, hessian_check  # noqa: E402
 from lightning_landscape.surface import make_batch_loss  # noqa: E402
 
 TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6)
@@ -126,43 +126,33 @@ def rel(a: float, b: float) -> float:
 # --- ours --------------------------------------------------------------------------------------
 
 
-def ours_end(op: HessianOperator, which: str, exact: float, target: float, seed: int = 0) -> list[dict]:
-    """The eigensolver of hessian_check (eigsh with its ncv choice) for each tol: HVPs, seconds, relative error."""
+def ours_sweep(op: HessianOperator, lambda_min: bool, exact_max: float, exact_min: float, seed: int = 0) -> list[dict]:
+    """hessian_check's eigensolver (one Lanczos run, both ends when ``lambda_min``) for each tol.
+
+    Per tol: HVPs, seconds, and the relative errors of λmax and (``lambda_min``) λmin. The start
+    vector is the one ``hessian_check(seed=seed)`` uses. Stops after the first tol <= 1e-3 whose
+    run meets both targets.
+    """
     rows = []
-    v0 = np.random.default_rng(seed).standard_normal(op.shape[0])
     for tol in TOLS:
         op.num_hvp = 0
         t = time.perf_counter()
-        value = float(_eigsh_end(op, 1, which, tol, v0, None)[0][0])
-        rows.append({"tol": tol, "hvp": op.num_hvp, "s": time.perf_counter() - t, "value": value, "err": rel(value, exact)})
-        if rows[-1]["err"] <= target and tol <= 1e-3:
+        result = _lanczos_extremes(op, 1, lambda_min, tol, _seed_streams(seed)[0])
+        row = {"tol": tol, "hvp": op.num_hvp, "s": time.perf_counter() - t, "max": float(result.top[0])}
+        row["err_max"] = rel(row["max"], exact_max)
+        row["err_min"] = rel(result.low, exact_min) if lambda_min else None
+        rows.append(row)
+        if tol <= 1e-3 and row["err_max"] <= TARGET_MAX and (not lambda_min or row["err_min"] <= TARGET_MIN):
             break
     return rows
 
 
 def lanczos_oracle(op: HessianOperator, exact_max: float, exact_min: float, steps: int, seed: int = 0) -> tuple[int | None, int | None]:
-    """First Lanczos step after which the extreme Ritz values stay within the targets (plain Lanczos, full reorthogonalization)."""
-    n = op.shape[0]
-    v = np.random.default_rng(seed).standard_normal(n)
-    v /= np.linalg.norm(v)
-    basis, alphas, betas, tops, bottoms = [], [], [], [], []
-    for j in range(min(steps, n)):
-        basis.append(v)
-        w = op.matvec(v)
-        alpha = float(v @ w)
-        w = w - alpha * v - (betas[-1] * basis[-2] if j else 0.0)
-        q = np.array(basis)
-        for _ in range(2):
-            w -= q.T @ (q @ w)
-        alphas.append(alpha)
-        t = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
-        ritz = np.linalg.eigvalsh(t)
-        tops.append(ritz[-1])
-        bottoms.append(ritz[0])
-        beta = float(np.linalg.norm(w))
-        betas.append(beta)
-        v = w / beta
-
+    """First Lanczos step after which the extreme Ritz values stay within the targets (our Lanczos, no stopping rule)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # tol=1e-15 is not meant to be reached
+        result = _lanczos_extremes(op, 1, True, 1e-15, _seed_streams(seed)[0], maxiter=steps)
+    tops, bottoms = [h[0] for h in result.history], [h[2] for h in result.history]
     return first_staying(tops, exact_max, TARGET_MAX), first_staying(bottoms, exact_min, TARGET_MIN)
 
 
@@ -242,8 +232,8 @@ def main() -> None:
 
     # Ours, float32, the model as is.
     op = HessianOperator(model, batches, make_batch_loss(F.cross_entropy))
-    ours_max = ours_end(op, "LA", lmax, TARGET_MAX)
-    ours_min = ours_end(op, "SA", lmin, TARGET_MIN)
+    ours_max = ours_sweep(op, False, lmax, lmin)
+    ours_both = ours_sweep(op, True, lmax, lmin)
     oracle_max, oracle_min = lanczos_oracle(op, lmax, lmin, steps=200)
     full = hessian_check(model, batches, F.cross_entropy, top_k=1, lambda_min=True, tol=1e-3)
     ours_traces = {}
@@ -296,42 +286,44 @@ def main() -> None:
     ph_trace = (float(np.mean(samples)), float(np.std(samples, ddof=1) / np.sqrt(len(samples))), ph.count, time.perf_counter() - t)
     load_end = os.getloadavg()[0]
 
-    def reached(rows, target):
-        good = [r for r in rows if r.get("hvp") is not None and r["err"] <= target]
+    def reached(rows, key, target):
+        good = [r for r in rows if r.get("hvp") is not None and r[key] <= target]
         return good[0] if good else None
-
-    def row(method, what, r, target, note=""):
-        if r is None:
-            return f"| {method} | {what} | not reached{note} | – | – | – |"
-        return f"| {method} | {what} | tol={r['tol']:g}{note} | {r['hvp']} | {r['s']:.2f} | {r['err']:.1e} |"
 
     def at_tol(rows, tol):
         return next((r for r in rows if r["tol"] == tol and r.get("hvp") is not None), None)
 
+    def cells(r, key, show_tol=False, note=""):
+        """HVPs | rel. error | wall s of one run, or 'not reached'."""
+        if r is None:
+            return f"not reached{note} | – | –"
+        tol = f" (tol={r['tol']:g})" if show_tol else ""
+        return f"{r['hvp']}{tol}{note} | {r[key]:.1e} | {r['s']:.2f}"
+
+    ph_count_note = f" (≤ {args.max_power_iters} iters)"
     print(f"\n## Hessian benchmark: digits CNN ({args.channels} channels, BatchNorm), {num_params} weights, {len(x)} samples in batches of 256, float32, eval mode")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); load average {load_start:.1f} at start, {load_end:.1f} at end")
     print(f"\nexact (dense float64 Hessian + eigvalsh, {exact_seconds:.1f} s): "
           f"λmax = {lmax:.6g}, λmin = {lmin:.6g}, |λmin/λmax| = {abs(lmin / lmax):.4g}, trace = {trace:.6g}; "
           f"our float32 operator: ‖Hv − op(v)‖/‖Hv‖ = {op_check:.1e}\n")
-    print("| method | quantity | stopping rule | HVPs | wall s | rel. error |")
-    print("|---|---|---|---|---|---|")
-    print(row("ours: Lanczos (eigsh LA)", "λmax", at_tol(ours_max, 1e-3), 1, " (default)"))
-    print(row("ours: Lanczos (eigsh LA)", "λmax → 1e-3", reached(ours_max, TARGET_MAX), TARGET_MAX, " (loosest enough)"))
-    print(row("PyHessian: power iteration", "λmax", at_tol(ph_max, 1e-3), 1, " (default)"))
-    print(row("PyHessian: power iteration", "λmax → 1e-3", reached(ph_max, TARGET_MAX), TARGET_MAX, " (loosest enough)"))
-    print(f"| ours: plain Lanczos, oracle stop | λmax → 1e-3 | oracle | {oracle_max} | – | – |")
-    print(f"| PyHessian: power iteration, oracle stop | λmax → 1e-3 | oracle | {ph_oracle_max} | – | – |")
-    print(row("ours: Lanczos (eigsh SA)", "λmin", at_tol(ours_min, 1e-3), 1, " (default)"))
-    print(row("ours: Lanczos (eigsh SA)", "λmin → 1e-2", reached(ours_min, TARGET_MIN), TARGET_MIN, " (loosest enough)"))
-    print(row("PyHessian: power iteration on H − σI (+σ run)", "λmin", at_tol(ph_min, 1e-3), 1, " (default)"))
-    print(row("PyHessian: power iteration on H − σI (+σ run)", "λmin → 1e-2", reached(ph_min, TARGET_MIN), TARGET_MIN,
-              f" (loosest enough, ≤ {args.max_power_iters} iters)"))
-    print(f"| ours: plain Lanczos, oracle stop | λmin → 1e-2 | oracle | {oracle_min} | – | – |")
-    print(f"| PyHessian: shifted power iteration, oracle stop | λmin → 1e-2 | oracle | "
-          f"{'not within ' + str(count) if ph_oracle_min is None else ph_oracle_min} (+{sigma_row['hvp']} for σ) | – | – |")
-    print(f"| ours: `hessian_check(top_k=1, lambda_min=True)` end to end | λmax, λmin | tol=1e-3 | {full.num_hvp} | {full.seconds:.2f} | "
-          f"{rel(full.lambda_max, lmax):.1e}, {rel(full.lambda_min, lmin):.1e} |")
+    print("ours: one Lanczos run (full reorthogonalization, per-step Ritz error bounds) for both ends, as in "
+          "`hessian_check(seed=0)`; PyHessian: power iteration, λmin by power iteration on H − σI with σ its λmax "
+          "(HVPs of the σ run included). Targets: 1e-3 relative for λmax, 1e-2 for λmin.\n")
+    print("| quantity | stopping | ours: HVPs | ours: rel. error | ours: wall s | PyHessian: HVPs | PyHessian: rel. error | PyHessian: wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| λmax | default tol=1e-3 | {cells(at_tol(ours_max, 1e-3), 'err_max')} | {cells(at_tol(ph_max, 1e-3), 'err')} |")
+    print(f"| λmax | to 1e-3: loosest tol that gets there | {cells(reached(ours_max, 'err_max', TARGET_MAX), 'err_max', True)} | "
+          f"{cells(reached(ph_max, 'err', TARGET_MAX), 'err', True)} |")
+    print(f"| λmax | to 1e-3: oracle (first HVP after which it stays within) | {oracle_max} | – | – | {ph_oracle_max} | – | – |")
+    print(f"| λmin | default tol=1e-3 (ours: the same run gives λmax) | {cells(at_tol(ours_both, 1e-3), 'err_min')} | "
+          f"{cells(at_tol(ph_min, 1e-3), 'err')} |")
+    print(f"| λmin | to 1e-2: loosest tol that gets there | {cells(reached(ours_both, 'err_min', TARGET_MIN), 'err_min', True)} | "
+          f"{cells(reached(ph_min, 'err', TARGET_MIN), 'err', True, ph_count_note)} |")
+    ph_oracle_min_text = f"not within {count}" if ph_oracle_min is None else str(ph_oracle_min)
+    print(f"| λmin | to 1e-2: oracle | {oracle_min} | – | – | {ph_oracle_min_text} (+{sigma_row['hvp']} for σ) | – | – |")
+    print(f"| λmax, λmin | `hessian_check(top_k=1, lambda_min=True)` end to end, tol=1e-3 | {full.num_hvp} | "
+          f"{rel(full.lambda_max, lmax):.1e}, {rel(full.lambda_min, lmin):.1e} | {full.seconds:.2f} | – | – | – |")
     print("\n| method | trace ± s.e. | HVPs | wall s | error / exact | error / s.e. |")
     print("|---|---|---|---|---|---|")
     for name, (value, stderr, count_, seconds_) in (

@@ -6,10 +6,25 @@ products, HVPs), one full pass over the batches per product. On top of that one
 operator (:class:`HessianOperator`, a ``scipy.sparse.linalg.LinearOperator``)
 sit the consumers:
 
-* extreme eigenvalues by Lanczos (ARPACK's ``eigsh``),
+* extreme eigenvalues by one Lanczos run for both ends of the spectrum (our own, with full
+  reorthogonalization and a per-step stopping test; ARPACK's ``eigsh`` only as a fallback),
 * the trace by Hutchinson or Hutch++ with Rademacher vectors, with a standard error,
 * the spectral density by stochastic Lanczos quadrature (SLQ),
 * the map of |λmin/λmax| over a plane of weights (Li et al., NeurIPS 2018, Fig. 7).
+
+Extreme eigenvalues (:func:`_lanczos_extremes`): Lanczos with full reorthogonalization from a
+seeded Gaussian start vector; λmax (top-k) and λmin are read off the same Krylov space, so they
+share their HVPs. After every step, each wanted Ritz value θ gets the error bound min(ρ, ρ²/δ),
+ρ = β_j·|last component of its eigenvector in T_j| its residual norm (free: no extra HVP) and δ
+the gap to the neighbouring Ritz values (less their residuals, at most |θ|): ρ bounds the distance
+to some eigenvalue, ρ²/δ is the Kato–Temple bound, which is what the eigenvalue error does once
+the Ritz value has separated. An end stops when its bound is <= tol·|θ|. Like every single-vector
+Krylov method (ARPACK's included), Lanczos can report a neighbouring eigenvalue when the start
+vector barely touches the extreme eigenvector and the two are close: on a test spectrum whose
+λmin = -1 lies 0.2 below the next eigenvalue (0.6 % of the spectrum's width), 1 seed in 200 at
+tol=1e-3 and 3 in 200 at tol=1e-2 returned -0.8 (the plain residual test ρ <= tol·|θ|: 0 and 1).
+The basis costs steps × P × 8 bytes; when it reaches ``max_basis`` vectors before convergence,
+ARPACK (``eigsh``) takes over from the Ritz vectors.
 
 The module knows nothing of Lightning: the loss is a :data:`~lightning_landscape.surface.BatchLoss`,
 so a callback can plug a LightningModule's own step in.
@@ -29,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.linalg import eigh_tridiagonal
 from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 from torch import nn
 from tqdm.auto import tqdm
@@ -302,51 +318,210 @@ class HessianReport:
 # --- numerical routines on any symmetric float64 operator --------------------------------------
 
 
-def _dense(op: LinearOperator) -> np.ndarray:
-    """The operator as a dense symmetric matrix, one product per column (for tiny problems)."""
-    matrix = np.column_stack([op.matvec(col) for col in np.eye(op.shape[0])])
-    return (matrix + matrix.T) / 2
+class _OutOfBudget(Exception):
+    """Raised by :class:`_Budgeted` when the eigensolver has spent its Hessian-vector products."""
 
 
-def _is_zero_operator(op: LinearOperator, probe: np.ndarray) -> bool:
-    # For a Gaussian probe, H @ probe == 0 exactly happens only when H == 0 (with probability 1).
-    return not np.any(op.matvec(probe))
+class _Budgeted(LinearOperator):
+    """``op`` with at most ``budget`` more products: the next one raises :class:`_OutOfBudget` (stops ARPACK mid-run)."""
+
+    def __init__(self, op: LinearOperator, budget: int) -> None:
+        self.op, self.left = op, budget
+        super().__init__(dtype=np.dtype(np.float64), shape=op.shape)
+
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        if self.left <= 0:
+            raise _OutOfBudget
+        self.left -= 1
+        return self.op.matvec(x)
+
+    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
+        return self._matvec(x)
 
 
-def _eigsh_end(op: LinearOperator, k: int, which: str, tol: float, v0: np.ndarray, maxiter: int | None) -> tuple[np.ndarray, bool]:
-    """The ``k`` eigenvalues at one end of the spectrum (``which`` = 'LA' or 'SA'), descending, and whether they converged."""
+def _eigsh_end(op: LinearOperator, k: int, which: str, tol: float, v0: np.ndarray, ncv: int | None = None) -> np.ndarray:
+    """The ``k`` eigenvalues at one end of the spectrum (``which`` = 'LA' or 'SA') by ARPACK, descending.
+
+    The fallback of :func:`_lanczos_extremes` once its basis is full. Raises ``ArpackNoConvergence``,
+    ``ArpackError`` and :class:`_OutOfBudget` (from a :class:`_Budgeted` ``op``) to the caller.
+    """
+    values = eigsh(op, k=k, which=which, tol=tol, v0=v0, ncv=ncv, maxiter=10 * op.shape[0], return_eigenvectors=False)
+    return np.sort(np.asarray(values, dtype=np.float64))[::-1]
+
+
+# A Ritz value below this fraction of the spectrum's scale counts as zero in the relative stopping
+# test (ARPACK's eps^(2/3) floor, here relative to max|θ| so that it does not depend on the loss's scale).
+_ZERO_FLOOR = float(np.finfo(np.float64).eps) ** (2 / 3)
+# The breakdown test: β below this fraction of max|θ| means the Krylov space is invariant.
+_BREAKDOWN = 1e-12
+MAX_BASIS = 200
+# The default basis keeps at most this many bytes (but at least 20 vectors, ARPACK's default
+# basis size): 200 vectors of a 1,000-weight model, 20 of an 11M-weight ResNet-18.
+BASIS_BYTES = 2**30
+
+
+def default_max_basis(num_params: int) -> int:
+    """The Lanczos basis size used when ``max_basis`` is None: at most 200 vectors and, past 20, 1 GiB.
+
+    Example:
+        >>> default_max_basis(1_000), default_max_basis(11_000_000)
+        (200, 20)
+    """
+    return max(20, min(MAX_BASIS, BASIS_BYTES // (8 * num_params)))
+
+
+def _ritz_error_bounds(theta: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+    """Error bounds of the Ritz values ``theta`` (ascending) from their residual norms ``residuals``.
+
+    For a Ritz pair (θ, y) with residual ρ = ‖Hy − θy‖ there is an eigenvalue λ with
+    |λ − θ| <= ρ (Weyl/Krylov–Bogoliubov), and, when the rest of the spectrum is at
+    least δ away from θ, |λ − θ| <= ρ²/δ (Kato–Temple; Parlett, *The Symmetric
+    Eigenvalue Problem*, Thm. 11.7.1). δ is estimated from the neighbouring Ritz values
+    θ' widened by their own residuals ρ' (δ = min |θ − θ'| − ρ'); where that estimate is
+    not positive only ρ is used. The bound is ``min(ρ, ρ²/δ)``: the quadratic one is what
+    an eigenvalue's error actually does once its Ritz value separates from the rest, so
+    a run stops when the eigenvalue is accurate, not when its eigenvector is.
+    """
+    bounds = residuals.astype(np.float64, copy=True)
+    if theta.size > 1:
+        spacing = np.diff(theta)
+        gap = np.full(theta.size, np.inf)
+        gap[1:] = spacing - residuals[:-1]  # to the neighbour below
+        gap[:-1] = np.minimum(gap[:-1], spacing - residuals[1:])  # to the neighbour above
+        # Safeguard: never a gap wider than |θ|. A Ritz value much closer to 0 than to its neighbour
+        # (the low end of an early, still coarse Krylov space over a bulk near 0) has not resolved
+        # that part of the spectrum yet; the cap keeps the relative test from trusting it.
+        gap = np.minimum(gap, np.abs(theta))
+        positive = gap > 0
+        bounds[positive] = np.minimum(residuals[positive], residuals[positive] ** 2 / gap[positive])
+    return bounds
+
+
+@dataclass
+class _LanczosResult:
+    """What :func:`_lanczos_extremes` found (the history is for tests and ``benchmarks/hessian.py``)."""
+
+    top: np.ndarray  # the top-k eigenvalues, descending
+    low: float | None  # λmin, None when not asked for
+    converged: bool
+    hvp: int  # products used, Lanczos and fallback together
+    steps: int  # Lanczos steps (basis vectors)
+    solver: str  # "lanczos" or "lanczos+arpack"
+    # per Lanczos step: (θmax, its error bound, θmin, its error bound)
+    history: list[tuple[float, float, float, float]] = field(default_factory=list)
+
+
+def _lanczos_extremes(
+    op: LinearOperator,
+    top_k: int,
+    lambda_min: bool,
+    tol: float,
+    rng: np.random.Generator,
+    maxiter: int | None = None,
+    max_basis: int | None = None,
+) -> _LanczosResult:
+    """The ``top_k`` largest eigenvalues and (``lambda_min``) the smallest, from ONE Lanczos run.
+
+    Lanczos with full reorthogonalization (classical Gram–Schmidt twice against the whole
+    basis, float64) from a seeded Gaussian start vector. Both ends of the spectrum are read
+    off the same Krylov space, so λmax and λmin share their Hessian-vector products. After
+    every step the Ritz values of the tridiagonal T_j are checked: the residual of Ritz pair
+    i is ρ_i = β_j·|s_i[last]| (no extra product), its error bound e_i = min(ρ_i, ρ_i²/δ_i)
+    (:func:`_ritz_error_bounds`), and it has converged when e_i <= tol·max(|θ_i|, ε^{2/3}·max|θ|).
+    The run stops once the ``top_k`` largest and, with ``lambda_min``, the smallest Ritz value
+    (a different one) have all converged.
+
+    An invariant Krylov space (β_j = 0: the start vector lies in the span of m < P eigenvectors,
+    e.g. a zero Hessian) is exact; Lanczos then goes on from a fresh random vector orthogonal to
+    the basis, until enough Ritz values are there and, when ``top_k`` > 1, once more, to find
+    repeated eigenvalues (one Krylov space holds only one copy of each).
+
+    Memory: the basis, ``min(P, max(max_basis, 2·top_k + 1))`` float64 vectors of P numbers
+    (``steps × P × 8`` bytes; 200 vectors of 1M weights are 1.6 GB). If it fills before
+    convergence, ARPACK's implicitly restarted Lanczos (``eigsh``) takes over for each end not
+    yet converged, started from the sum of that end's Ritz vectors, with its own (linear)
+    rule ρ <= tol·|θ|. ``maxiter`` caps the products of both together (default 10 × P); when
+    they run out the best estimates are returned with ``converged=False``.
+    """
     n = op.shape[0]
-    if k >= n:  # ARPACK needs k < n; a problem this small is cheap to build densely.
-        values = np.linalg.eigvalsh(_dense(op))
-        values = values[::-1][:k] if which == "LA" else values[:k][::-1]
-        return np.ascontiguousarray(values), True
-    # ARPACK tests convergence only once its basis holds `ncv` vectors. The top of a network's
-    # spectrum is usually a few well-separated outliers, which a short basis already resolves:
-    # on the digits CNN (benchmarks/hessian.py) λmax takes 9 products with ncv=8 against 21 with
-    # ARPACK's default 20. λmin sits at the edge of the dense bulk, where a short basis restarts
-    # many times (309 products with ncv=8, 81 with 20), so it keeps the default.
-    ncv = min(n, max(2 * k + 1, 8)) if which == "LA" else None
-    try:
-        values = eigsh(op, k=k, which=which, tol=tol, v0=v0, ncv=ncv, maxiter=maxiter, return_eigenvectors=False)
-        converged = True
-    except ArpackNoConvergence as err:
-        converged = False
-        found = np.sort(np.asarray(err.eigenvalues, dtype=np.float64))
-        found = found[::-1] if which == "LA" else found
-        values = np.full(k, np.nan)
-        values[: min(k, found.size)] = found[:k]
+    budget = 10 * n if maxiter is None else int(maxiter)
+    max_basis = default_max_basis(n) if max_basis is None else int(max_basis)
+    cap = min(n, max(max_basis, 2 * top_k + 1))
+    need = min(n, top_k + 1 if lambda_min else top_k)  # the smallest Ritz value must not be a top-k one
+    basis = np.empty((cap, n))
+    alphas, betas = np.empty(cap), np.empty(cap)
+    history: list[tuple[float, float, float, float]] = []
+    v = rng.standard_normal(n)
+    v /= np.linalg.norm(v)
+    probed = top_k == 1  # the multiplicity probe after an invariant space (only matters for top_k > 1)
+    hvp = j = 0
+    top_ok = low_ok = False
+    while True:
+        basis[j] = v
+        w = np.asarray(op.matvec(v), dtype=np.float64).reshape(-1)
+        hvp += 1
+        alphas[j] = float(v @ w)
+        w = w - alphas[j] * v
+        if j:
+            w -= betas[j - 1] * basis[j - 1]
+        for _ in range(2):  # "twice is enough" (Parlett)
+            w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
+        beta = float(np.linalg.norm(w))
+        j += 1
+        theta, s = eigh_tridiagonal(alphas[:j], betas[: j - 1])
+        scale = float(max(abs(theta[0]), abs(theta[-1])))
+        invariant = j == n or beta <= _BREAKDOWN * scale
+        residuals = np.zeros(j) if invariant else beta * np.abs(s[-1])
+        bounds = _ritz_error_bounds(theta, residuals)
+        ok = bounds <= tol * np.maximum(np.abs(theta), _ZERO_FLOOR * scale)
+        top_ok = j >= need and bool(ok[-top_k:].all())
+        low_ok = not lambda_min or (j >= need and bool(ok[0]))
+        history.append((float(theta[-1]), float(bounds[-1]), float(theta[0]), float(bounds[0])))
+        done = top_ok and low_ok
+        if done and invariant and not probed and j < cap:
+            probed, done = True, False
+        if done or j == n or j == cap or hvp >= budget:
+            break
+        if invariant:
+            v = rng.standard_normal(n)
+            for _ in range(2):
+                v -= basis[:j].T @ (basis[:j] @ v)
+            betas[j - 1] = 0.0  # T splits into blocks
+        else:
+            betas[j - 1] = beta
+            v = w
+        v /= np.linalg.norm(v)
+    top = np.ascontiguousarray(theta[::-1][:top_k])
+    low = float(theta[0]) if lambda_min else None
+    solver = "lanczos"
+    if not (top_ok and low_ok) and j == cap < n and hvp < budget:
+        # The basis is full: ARPACK goes on for each unconverged end from its Ritz vectors.
+        solver = "lanczos+arpack"
+        ends = [("LA", top_k, s[:, -top_k:])] if not top_ok else []
+        ends += [("SA", 1, s[:, :1])] if not low_ok else []
+        starts = [basis[:j].T @ cols.sum(axis=1) for _, _, cols in ends]
+        del basis  # ARPACK holds its own ncv vectors
+        limited = _Budgeted(op, budget - hvp)
+        for (which, k, _), v0 in zip(ends, starts):
+            ncv = min(n, max(2 * k + 1, min(20, cap)))
+            try:
+                values = _eigsh_end(limited, k, which, tol, v0, ncv)
+            except (_OutOfBudget, ArpackNoConvergence, ArpackError):
+                continue
+            if which == "LA":
+                top, top_ok = values, True
+            else:
+                low, low_ok = float(values[-1]), True
+        hvp += (budget - hvp) - limited.left
+    converged = top_ok and low_ok
+    if not converged:
         warnings.warn(
-            f"Lanczos ({which}) did not converge to `tol`={tol} within `maxiter`={maxiter}; "
-            f"{found.size} of {k} eigenvalues converged, the rest are NaN. Raise `maxiter` or `tol`.",
+            f"Lanczos did not converge to `tol`={tol} within `maxiter`={budget} Hessian-vector products "
+            f"(basis of {cap} vectors); the eigenvalues are the best estimates. Raise `maxiter`, `max_basis` or `tol`.",
             RuntimeWarning,
             stacklevel=3,
         )
-    except ArpackError:
-        # ARPACK stops with "starting vector is zero" when H v0 = 0: check for the zero Hessian.
-        if _is_zero_operator(op, v0):
-            return np.zeros(k), True
-        raise
-    return np.sort(np.asarray(values, dtype=np.float64))[::-1], converged
+    return _LanczosResult(top=top, low=low, converged=converged, hvp=hvp, steps=j, solver=solver, history=history)
 
 
 def _lanczos(op: LinearOperator, v0: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -473,19 +648,16 @@ def _seed_streams(seed: Any) -> list[np.random.Generator]:
 
 
 def _extremes(
-    op: HessianOperator, top_k: int, lambda_min: bool, tol: float, rng: np.random.Generator, maxiter: int | None
-) -> tuple[np.ndarray, float | None, float | None, bool]:
-    """Top-k eigenvalues, λmin and |λmin/λmax| at the operator's current weights."""
-    v0 = rng.standard_normal(op.shape[0])
-    top, converged = _eigsh_end(op, top_k, "LA", tol, v0, maxiter)
-    low, ratio = None, None
+    op: HessianOperator, top_k: int, lambda_min: bool, tol: float, rng: np.random.Generator, maxiter: int | None, max_basis: int | None
+) -> tuple[np.ndarray, float | None, float | None, _LanczosResult]:
+    """Top-k eigenvalues, λmin and |λmin/λmax| at the operator's current weights, from one Lanczos run."""
+    result = _lanczos_extremes(op, top_k, lambda_min, tol, rng, maxiter, max_basis)
+    ratio = None
     if lambda_min:
-        bottom, converged_low = _eigsh_end(op, 1, "SA", tol, v0, maxiter)
-        low, converged = float(bottom[0]), converged and converged_low
-        lmax = float(top[0])
+        lmax = float(result.top[0])
         # A zero λmax (e.g. a loss that does not depend on the weights) gives ratio 0, not NaN or inf.
-        ratio = abs(low / lmax) if lmax != 0 else 0.0
-    return top, low, ratio, converged
+        ratio = abs(result.low / lmax) if lmax != 0 else 0.0
+    return result.top, result.low, ratio, result
 
 
 def hessian_check(
@@ -510,6 +682,7 @@ def hessian_check(
     density_sigma: float = 0.01,
     maxiter: int | None = None,
     reduce: Reduce | None = None,
+    max_basis: int | None = None,
 ) -> HessianReport:
     """Curvature of the loss at the model's current weights: extreme eigenvalues, trace, spectral density.
 
@@ -521,13 +694,17 @@ def hessian_check(
         model: any ``nn.Module``.
         data: an iterable of batches; cached on the model's device once.
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; or pass ``batch_loss``.
-        top_k: how many of the largest eigenvalues to compute (Lanczos, ARPACK ``which='LA'``).
-        lambda_min: also compute the smallest eigenvalue (``which='SA'``) and |λmin/λmax|.
+        top_k: how many of the largest eigenvalues to compute.
+        lambda_min: also compute the smallest eigenvalue and |λmin/λmax|; it comes from the
+            same Lanczos run as the largest ones, so it costs only the extra steps it needs.
+            With ``top_k`` > 1, repeated eigenvalues can be missed (as by any single-vector
+            Krylov method, ARPACK included) unless the Krylov space becomes invariant.
         trace: estimate the trace with ``trace_samples`` Rademacher vectors.
         density: estimate the spectral density by stochastic Lanczos quadrature.
         forward_fn: ``forward_fn(model, batch) -> (outputs, targets)`` for ``loss_fn``.
-        tol: relative accuracy of the eigenvalues (ARPACK's stopping rule:
-            residual <= tol·|λ|; the eigenvalue error is usually far smaller).
+        tol: relative accuracy of the eigenvalues. Lanczos stops an end of the spectrum once
+            the error bound of its Ritz values, min(ρ, ρ²/δ) with ρ the residual norm and δ the
+            estimated gap to the rest of the spectrum, is <= tol·|λ| (see the module's docstring).
         seed: seeds the Lanczos start vector and the random probes (numpy, not the global RNGs).
         num_batches: use at most this many batches of ``data``.
         batch_loss: ``batch_loss(model, batch) -> (mean_loss, n, outputs, targets)``,
@@ -540,10 +717,17 @@ def hessian_check(
         density_grid_size: points of the density's eigenvalue grid, which spans [λmin, λmax]
             plus three Gaussian widths on each side.
         density_sigma: width of the Gaussians as a fraction of λmax - λmin.
-        maxiter: ARPACK's iteration limit (default ``10 × number of weights``).
+        maxiter: the most Hessian-vector products the eigensolver may use (default ``10 ×
+            number of weights``); past it the best estimates are returned with a ``RuntimeWarning``
+            and ``metadata["converged"]`` False.
         reduce: sums the per-product sums across processes (see :class:`HessianOperator`).
             Every process must then call this with the same arguments and ``seed``: the
             solvers are deterministic, so all processes ask for the same products in step.
+        max_basis: the most Lanczos vectors kept (at least ``2·top_k + 1``): memory
+            ``max_basis × number of weights × 8`` bytes (float64 on the CPU). ``None``:
+            200, fewer when that would pass 1 GiB, never fewer than 20 (see
+            :func:`default_max_basis`). Should the
+            basis fill before convergence, ARPACK (``eigsh``) goes on from the Ritz vectors.
 
     Returns:
         a :class:`HessianReport`.
@@ -567,6 +751,7 @@ def hessian_check(
     tol = check_positive_float("tol", tol)
     check_positive_int("num_batches", num_batches, allow_none=True)
     check_positive_int("maxiter", maxiter, allow_none=True)
+    max_basis = check_positive_int("max_basis", max_basis, allow_none=True)
     check_choice("trace_method", trace_method, TRACE_METHODS)
     minimum_samples = 6 if trace_method == "hutch++" else 2
     if isinstance(trace_samples, bool) or not isinstance(trace_samples, (int, np.integer)) or trace_samples < minimum_samples:
@@ -591,7 +776,7 @@ def hessian_check(
                 f"the loss at the model's current weights is {loss}; the Hessian needs a finite loss "
                 "(check the weights, the data and `loss_fn`)."
             )
-        top, low, ratio, converged = _extremes(op, top_k, lambda_min, tol, eig_rng, maxiter)
+        top, low, ratio, eig = _extremes(op, top_k, lambda_min, tol, eig_rng, maxiter, max_basis)
         trace_value = trace_stderr = None
         if trace:
             trace_value, trace_stderr = _trace_estimate(op, int(trace_samples), trace_method, trace_rng)
@@ -605,7 +790,10 @@ def hessian_check(
         "tol": tol,
         "seed": int(seed),
         "maxiter": maxiter,
-        "converged": converged,
+        "max_basis": default_max_basis(op.shape[0]) if max_basis is None else max_basis,
+        "converged": eig.converged,
+        "eigensolver": eig.solver,
+        "eigensolver_hvp": eig.hvp,
         "num_params": op.shape[0],
         "num_samples": op.num_samples,
         "num_batches": len(op.batches),
@@ -649,18 +837,20 @@ def ratio_map(
     maxiter: int | None = None,
     progress: bool | None = None,
     reduce: Reduce | None = None,
+    max_basis: int | None = None,
 ) -> Landscape:
     """|λmin/λmax| of the Hessian at every point θ* + αδ (+ βη) of a coarse grid (Li et al. 2018, Fig. 7).
 
     Near-zero values mark locally convex regions, large ones strong negative
-    curvature. Each point costs two Lanczos runs (tens of Hessian-vector
-    products), so keep the grid coarse. The values at a point equal those of
+    curvature. Each point costs one Lanczos run for both ends (tens of
+    Hessian-vector products), so keep the grid coarse. The values at a point equal those of
     :func:`hessian_check` (``top_k=1``, same ``tol`` and ``seed``) at those weights.
     A point whose loss is not finite is stored as NaN.
 
     Args:
         model: any ``nn.Module``; θ* are its current trainable weights. It is left exactly as it was.
-        data, loss_fn, forward_fn, batch_loss, tol, seed, num_batches, maxiter, reduce: as in :func:`hessian_check`.
+        data, loss_fn, forward_fn, batch_loss, tol, seed, num_batches, maxiter, reduce, max_basis: as in
+            :func:`hessian_check`.
         directions: one direction or a list of two (see :func:`~lightning_landscape.random_direction`).
         coords: one 1-D array of coordinates per direction.
         progress: show a progress bar; ``None`` shows it only on a terminal.
@@ -686,6 +876,7 @@ def ratio_map(
     grid = _as_coords(coords, len(dirs))
     tol = check_positive_float("tol", tol)
     check_positive_int("maxiter", maxiter, allow_none=True)
+    max_basis = check_positive_int("max_basis", max_basis, allow_none=True)
     _seed_streams(seed)  # validates the seed before any compute
 
     start = time.perf_counter()
@@ -697,7 +888,14 @@ def ratio_map(
         coords=grid,
         values=values,
         evaluated=np.zeros(shape, dtype=bool),
-        metadata={"kind": "ratio_map", "tol": tol, "seed": int(seed), "maxiter": maxiter, **_versions.collect()},
+        metadata={
+            "kind": "ratio_map",
+            "tol": tol,
+            "seed": int(seed),
+            "maxiter": maxiter,
+            "max_basis": max_basis,
+            **_versions.collect(),
+        },
     )
     all_converged = True
     with preserved_state(model) as state:
@@ -715,8 +913,8 @@ def ratio_map(
             if math.isfinite(loss):
                 # A fresh generator per point: every point is the hessian_check of those weights.
                 eig_rng = _seed_streams(seed)[0]
-                top, low, ratio, converged = _extremes(op, 1, True, tol, eig_rng, maxiter)
-                all_converged = all_converged and converged
+                top, low, ratio, eig = _extremes(op, 1, True, tol, eig_rng, maxiter, max_basis)
+                all_converged = all_converged and eig.converged
                 values["lambda_max"][idx], values["lambda_min"][idx], values["ratio"][idx] = top[0], low, ratio
             landscape.evaluated[idx] = True  # type: ignore[index]
     landscape.metadata.update(

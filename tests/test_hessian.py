@@ -227,6 +227,85 @@ def test_density_of_known_spectrum_is_the_broadened_eigenvalues():
     assert np.trapezoid(report.density, grid) == pytest.approx(1.0, abs=1e-3)
 
 
+# A known spectrum shaped like a network's: three positive outliers over a bulk, two negative outliers.
+KNOWN = np.concatenate([[30.0, 12.0, 8.0], np.linspace(-0.5, 4.0, 395), [-0.8, -1.0]])
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-3, 1e-4])
+def test_lanczos_stopping_rule_meets_tol_on_a_known_spectrum(tol):
+    model, data, batch_loss = diagonal_quadratic(torch.tensor(KNOWN, dtype=torch.float64))
+    exact = np.sort(KNOWN)[::-1]
+    both = hessian_check(model, data, batch_loss=batch_loss, top_k=3, tol=tol)
+    np.testing.assert_allclose(both.eigenvalues, exact[:3], rtol=tol)
+    assert both.lambda_min == pytest.approx(-1.0, rel=tol)
+    assert both.ratio == pytest.approx(1 / 30, rel=2 * tol)
+    assert both.metadata["converged"] and both.metadata["eigensolver"] == "lanczos"
+    # One Krylov space for both ends: λmin costs only the steps it needs beyond λmax's, not a second
+    # run. With seed 0: 15, 21 and 22 products (ARPACK's eigsh took 4 to 5 times more per end).
+    assert both.num_hvp <= {1e-2: 20, 1e-3: 25, 1e-4: 30}[tol]
+    top = hessian_check(model, data, batch_loss=batch_loss, lambda_min=False, tol=tol)
+    assert top.lambda_max == pytest.approx(30.0, rel=tol)
+    assert top.num_hvp <= 6  # a separated outlier: 3 to 5 products
+    assert top.num_hvp < both.num_hvp
+
+
+def test_lanczos_error_bounds_hold_at_every_step():
+    from scipy.sparse.linalg import aslinearoperator
+
+    from lightning_landscape.hessian import _lanczos_extremes
+
+    rng = np.random.default_rng(5)
+    spectrum = np.concatenate([rng.normal(0.0, 1.0, 150), [25.0, -6.0]])
+    q, _ = np.linalg.qr(rng.standard_normal((152, 152)))
+    matrix = (q * spectrum) @ q.T
+    result = _lanczos_extremes(aslinearoperator(matrix), 1, True, 1e-10, np.random.default_rng(0))
+    assert result.converged and result.hvp == result.steps == len(result.history) < 60
+    tops = np.array([h[0] for h in result.history])
+    bottoms = np.array([h[2] for h in result.history])
+    assert np.all(np.diff(tops) >= -1e-12) and np.all(np.diff(bottoms) <= 1e-12)  # monotone (interlacing)
+    # Each extreme Ritz value is within its error bound of an eigenvalue (after the first steps, where
+    # the gap estimate of the quadratic bound is still coarse), and reaches the extreme one.
+    for theta_max, bound_max, theta_min, bound_min in result.history[3:]:
+        assert np.min(np.abs(spectrum - theta_max)) <= bound_max * (1 + 1e-9) + 1e-13
+        assert np.min(np.abs(spectrum - theta_min)) <= bound_min * (1 + 1e-9) + 1e-13
+    assert result.top[0] == pytest.approx(25.0, rel=1e-10) and result.low == pytest.approx(-6.0, rel=1e-10)
+
+
+def test_repeated_eigenvalues_are_found_after_an_invariant_krylov_space():
+    curvatures = torch.tensor([-1.0, 0.5, 2.0, 2.0, 5.0, 10.0], dtype=torch.float64)
+    model, data, batch_loss = diagonal_quadratic(curvatures)
+    report = hessian_check(model, data, batch_loss=batch_loss, top_k=4)
+    np.testing.assert_allclose(report.eigenvalues, [10.0, 5.0, 2.0, 2.0], rtol=1e-12)
+    assert report.lambda_min == pytest.approx(-1.0, rel=1e-12) and report.num_hvp <= 6
+
+
+def test_zero_hessian_costs_a_few_products():
+    model, data, batch_loss = diagonal_quadratic(torch.zeros(50, dtype=torch.float64))
+    for top_k, most in ((1, 2), (3, 5)):
+        report = hessian_check(model, data, batch_loss=batch_loss, top_k=top_k)
+        assert np.array_equal(report.eigenvalues, np.zeros(top_k)) and report.lambda_min == 0.0 and report.ratio == 0.0
+        assert report.metadata["converged"] and report.num_hvp <= most
+
+
+def test_full_basis_falls_back_to_arpack():
+    model, data, batch_loss = diagonal_quadratic(torch.tensor(KNOWN, dtype=torch.float64))
+    report = hessian_check(model, data, batch_loss=batch_loss, top_k=2, max_basis=20)
+    assert report.metadata["eigensolver"] == "lanczos+arpack" and report.metadata["converged"]
+    np.testing.assert_allclose(report.eigenvalues, [30.0, 12.0], rtol=1e-3)
+    assert report.lambda_min == pytest.approx(-1.0, rel=1e-3)
+    assert report.metadata["max_basis"] == 20
+
+
+def test_maxiter_caps_the_products_and_warns():
+    model, data, batch_loss = diagonal_quadratic(torch.tensor(KNOWN, dtype=torch.float64))
+    for max_basis in (200, 10):  # Lanczos alone, and Lanczos then ARPACK
+        with pytest.warns(RuntimeWarning, match="did not converge"):
+            report = hessian_check(model, data, batch_loss=batch_loss, maxiter=15, max_basis=max_basis)
+        assert report.num_hvp <= 15 and not report.metadata["converged"]
+        assert report.lambda_max == pytest.approx(30.0, rel=1e-3)  # converged long before
+        assert -1.0 < report.lambda_min < 0.0  # a Ritz value: inside the spectrum, not NaN
+
+
 def test_density_on_a_network_is_a_probability_density_within_the_spectrum():
     model, data = make_problem("mlp")
     report = hessian_check(model, data, F.cross_entropy, density=True, density_runs=2, density_steps=30)
@@ -305,6 +384,8 @@ def test_nonfinite_loss_raises_and_restores_model():
         ({"trace_samples": 2}, "`trace_samples`=2 .*>= 6"),
         ({"seed": -1}, "`seed`=-1"),
         ({"num_batches": 0}, "`num_batches`=0"),
+        ({"max_basis": 0}, "`max_basis`=0"),
+        ({"maxiter": 0}, "`maxiter`=0"),
         ({"density_sigma": -0.1}, "`density_sigma`=-0.1"),
         ({"batch_loss": make_batch_loss(F.cross_entropy)}, "`batch_loss`.*not both"),
     ],
