@@ -25,11 +25,12 @@
 
 2. Snapshot memory. An MLP of 5 x Linear(1000, 1000) (5,005,000 float32 parameters, one
    "model copy" = 20.0 MB) and a ``SnapshotStore(P, storage="disk")`` in a temporary directory;
-   K snapshots are taken as the callback takes them (``flatten_parameters`` + ``append``), each
+   K snapshots are taken as the callback takes them (the parameters' flat views concatenated into
+   one reused P-sized buffer, allocated at the first snapshot and counted, then ``append``), each
    after a simulated optimizer step (every parameter += 1e-3 x a slice of a white-noise buffer at
-   a random offset; the buffer exists before the baseline), then
-   ``trajectory_pca(store, final, 2)`` runs with ``final = flatten_parameters(...)`` of the last
-   weights (as the callback's fit-end run does). One fresh subprocess per (storage, K), one torch
+   a random offset; the buffer exists before the baseline), then, as the callback's fit-end run
+   does, the snapshot buffer is dropped and ``trajectory_pca(store, parameters, 2)`` runs with the
+   list of parameters as the final weights. One fresh subprocess per (storage, K), one torch
    thread (``--memory-threads``). Baseline: the resident set (RSS) once the model, the noise
    buffer and the empty store exist. The peak of each phase is the kernel's high-water mark
    (VmHWM, what ``ru_maxrss`` reports, reset through /proc/self/clear_refs when the phase
@@ -38,8 +39,8 @@
    what the append phase left resident. Target (disk): <= 3 model copies, independent of K.
    Memory storage is shown for comparison (about K copies). Diagnostic rows rerun disk storage
    with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 1 MiB, which turns off glibc's dynamic mmap
-   threshold: the difference to the plain rows is heap fragmentation by the per-snapshot
-   P-sized allocations, the rest is what the store and the PCA themselves hold.
+   threshold: a difference to the plain rows would be heap fragmentation by P-sized allocations
+   (there was one before snapshots went through one reused buffer).
 
 Needs psutil (the ``bench`` extra) and scikit-learn (the digits data); the memory part reads
 /proc and is Linux (glibc) only. Takes about 4-6 minutes on 2 shared cores.
@@ -211,12 +212,11 @@ class PeakRSS:
 def memory_child(storage: str, count: int, threads: int) -> dict:
     from torch import nn
 
-    from lightning_landscape.trajectory import SnapshotStore, flatten_parameters, trajectory_pca
+    from lightning_landscape.trajectory import SnapshotStore, trajectory_pca
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(MEMORY_WIDTH, MEMORY_WIDTH) for _ in range(MEMORY_LAYERS)])
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     num_params = sum(p.numel() for p in model.parameters())
     # Simulated optimizer steps: every parameter += 1e-3 x a slice of white noise at a random offset (slices at
     # different offsets are nearly orthogonal, so the path spans many directions); the buffer exists before the baseline.
@@ -230,10 +230,14 @@ def memory_child(storage: str, count: int, threads: int) -> dict:
                 o = int(offsets.integers(0, largest))
                 p.add_(noise[o : o + p.numel()].view_as(p), alpha=1e-3)
 
+    params = [p for p in model.parameters() if p.requires_grad]
+    views = [p.detach().view(-1) for p in params]
+    buffer: list[torch.Tensor] = []
+
     def snapshot(store: SnapshotStore, step: int) -> None:  # what TrajectoryPCA._snapshot does
-        with torch.no_grad():
-            vec = flatten_parameters(dict(model.named_parameters()), names, device=None)
-        store.append(vec, step=step, epoch=0)
+        if not buffer:  # the callback allocates it once, before the first snapshot
+            buffer.append(torch.empty(num_params))
+        store.append(torch.cat(views, out=buffer[0]), step=step, epoch=0)
 
     with tempfile.TemporaryDirectory() as tmp:
         kwargs = {"snapshot_dir": tmp} if storage == "disk" else {}
@@ -253,15 +257,15 @@ def memory_child(storage: str, count: int, threads: int) -> dict:
         gc.collect()
         after_append = PeakRSS()._proc.memory_info().rss
 
+        buffer.clear()  # the callback drops its snapshot buffer at fit end, before the PCA
+        gc.collect()
         t = time.perf_counter()
         with PeakRSS() as pca_peak:
-            with torch.no_grad():
-                final = flatten_parameters(dict(model.named_parameters()), names)
-            result = trajectory_pca(store, final, 2)
+            result = trajectory_pca(store, params, 2)
         pca_seconds = time.perf_counter() - t
         evr = result.explained_variance_ratio.tolist()
         files = len(store.files)
-        del result, final
+        del result
         store.close(delete=True)
 
     return {

@@ -15,8 +15,9 @@ This module is the Lightning-free core:
 * :func:`flatten_parameters` / :func:`unflatten_vector` convert between a
   ``dict[str, Tensor]`` of parameters and one flat float32 vector;
 * :class:`SnapshotStore` keeps the K flat snapshots in CPU memory or, past a
-  memory budget, in memory-mapped ``.npy`` files on disk (float32, float16 or
-  bfloat16), and can be checkpointed and resumed;
+  memory budget, in ``.npy`` files on disk (float32, float16 or bfloat16; any
+  of them opens with ``numpy.load(path, mmap_mode="r")``), and can be
+  checkpointed and resumed;
 * :func:`trajectory_pca` computes the PCA by streaming the store twice, so the
   K x P matrix is never held in memory: once to accumulate the K x K Gram matrix
   G = M Mᵀ in float64, whose eigendecomposition gives the singular values and
@@ -29,13 +30,12 @@ This module is the Lightning-free core:
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import shutil
 import tempfile
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,10 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 _NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
 _BLOCK_BYTES = 64 * 2**20  # target size of one preallocated block (memory tensor or .npy file)
 _MAX_BLOCK_ROWS = 1024
-_CHUNK_BYTES = 64 * 2**20  # target size of one streamed float64 block in trajectory_pca
+_CHUNK_BYTES = 64 * 2**20  # target size of one chunk streamed by SnapshotStore.iter_chunks
+# trajectory_pca streams float64 column blocks of about an eighth of one float32 model copy (within
+# these bounds), so that with its two float32 components it stays well under three model copies.
+_PCA_BLOCK_BYTES = (2**20, 64 * 2**20)
 _STATE_FORMAT = "lightning_landscape.SnapshotStore/1"
 
 
@@ -165,40 +168,64 @@ def unflatten_vector(vec: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dic
 
 @dataclass
 class _Block:
-    """One preallocated block of snapshot rows: a CPU tensor, or a tensor viewing a memory-mapped .npy file."""
+    """One preallocated block of snapshot rows: a CPU tensor in memory, or an ``.npy`` file on disk.
 
-    tensor: torch.Tensor  # (rows, P) in the storage dtype
-    array: np.ndarray | None = None  # the memmap behind ``tensor`` in disk mode
-    path: Path | None = None
+    File blocks are written and read with plain positioned file I/O, never through a
+    memory map: mapped pages would count in the process's resident set (dirty ones
+    until written back), so a long disk trajectory would grow the process by the size
+    of the block being filled. Written data sits in the OS page cache, which the
+    kernel reclaims as it needs.
+    """
 
-    @property
-    def rows(self) -> int:
-        return int(self.tensor.shape[0])
-
-    def release(self) -> None:
-        """Write a file block's dirty pages and drop them from this process's resident set.
-
-        Called when a file block is full: its pages stay in the file (and the OS
-        page cache) but no longer count as memory the process holds, so a disk
-        store costs about one block of resident memory however long it grows.
-        A no-op for memory blocks.
-        """
-        if not isinstance(self.array, np.memmap):
-            return
-        self.array.flush()
-        handle = getattr(self.array, "_mmap", None)
-        if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
-            try:
-                handle.madvise(mmap.MADV_DONTNEED)
-            except (OSError, ValueError):  # closed or unsupported mapping: releasing is only an optimization
-                pass
+    rows: int
+    tensor: torch.Tensor | None = None  # (rows, P) in the storage dtype, memory blocks only
+    path: Path | None = None  # file blocks only
+    offset: int = 0  # byte offset of row 0 in the file (after the .npy header)
 
 
 def _torch_view(array: np.ndarray, dtype_name: str) -> torch.Tensor:
-    """A zero-copy torch view of a (memory-mapped) numpy array holding ``dtype_name`` values."""
+    """A zero-copy torch view of a numpy array holding ``dtype_name`` values (bfloat16 as uint16 bits)."""
     if dtype_name == "bfloat16":
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
+
+
+def _numpy_bits(tensor: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor as a numpy array (bfloat16 as its int16 bit pattern)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy()
+    return tensor.numpy()
+
+
+def _create_npy(path: Path, dtype: np.dtype, shape: tuple[int, int]) -> int:
+    """Create ``path`` as a zero-filled (sparse) ``.npy`` file of ``shape``; returns the data's byte offset."""
+    with open(path, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_2_0(f, header)
+        offset = f.tell()
+        f.truncate(offset + shape[0] * shape[1] * dtype.itemsize)
+    return offset
+
+
+def _read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """Shape, dtype, fortran order and data offset of an ``.npy`` file, reading only its header."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        return shape, dtype, fortran, f.tell()
+
+
+def _io_exact(f: Any, view: memoryview, offset: int, write: bool, path: Path) -> None:
+    """Write (or read into) all of ``view`` at byte ``offset`` of the unbuffered file ``f``."""
+    done = 0
+    f.seek(offset)
+    while done < view.nbytes:
+        got = f.write(view[done:]) if write else f.readinto(view[done:])
+        if not got:
+            what = "write to" if write else "read from"
+            raise OSError(f"{path}: could not {what} the snapshot file ({done} of {view.nbytes} bytes at offset {offset}).")
+        done += got
 
 
 def check_writable_dir(path: Path) -> None:
@@ -220,13 +247,16 @@ def _normalize_dtype(dtype: Any) -> str:
 
 
 class SnapshotStore:
-    """K snapshots of a P-dimensional flat parameter vector, in CPU memory or memory-mapped on disk.
+    """K snapshots of a P-dimensional flat parameter vector, in CPU memory or in ``.npy`` files on disk.
 
     Snapshots live in preallocated blocks of ``block_rows`` rows; a full store
     grows by adding a block, never by rewriting old ones. In memory a block is a
-    CPU tensor; on disk it is one ``.npy`` file (``{prefix}-00000.npy``, ...)
-    opened with :func:`numpy.lib.format.open_memmap`. A file's rows past the
-    snapshot count are unused (zeros; sparse on most file systems).
+    CPU tensor; on disk it is one ``.npy`` file (``{prefix}-00000.npy``, ...),
+    a (rows, P) array that ``numpy.load(path, mmap_mode="r")`` maps. The store
+    itself writes and reads the files with positioned file I/O rather than a
+    memory map, so its resident memory stays at one snapshot however many it
+    holds. A file's rows past the snapshot count are unused (zeros; sparse on
+    most file systems).
 
     Args:
         num_params: P, the length of every snapshot.
@@ -323,6 +353,8 @@ class SnapshotStore:
         self._epochs: list[int] = []
         self._staging: torch.Tensor | None = None
         self._pending: tuple[int, Any] | None = None  # (row, CUDA event) of a copy still in flight
+        self._cast: torch.Tensor | None = None  # one reused row for converting to a 16-bit storage dtype
+        self._writer: tuple[int, Any] | None = None  # (block index, open file) of the disk block being filled
         self._closed = False
 
     # ---- properties
@@ -336,6 +368,11 @@ class SnapshotStore:
     def dtype(self) -> str:
         """The storage dtype name: ``"float32"``, ``"float16"`` or ``"bfloat16"``."""
         return self._dtype_name
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The storage dtype as a torch dtype."""
+        return self._torch_dtype
 
     @property
     def storage(self) -> str:
@@ -430,7 +467,7 @@ class SnapshotStore:
         self._epochs.append(int(epoch))
 
     def flush(self) -> None:
-        """Finish an in-flight device copy and write memory-mapped blocks to disk.
+        """Finish an in-flight device copy; every snapshot appended so far is then readable (also by another process).
 
         Example:
             >>> store = SnapshotStore(2, storage="memory")
@@ -438,9 +475,6 @@ class SnapshotStore:
             >>> store.flush()
         """
         self._flush_pending()
-        for block in self._blocks:
-            if isinstance(block.array, np.memmap):
-                block.array.flush()
 
     def _flush_pending(self) -> None:
         if self._pending is not None:
@@ -453,22 +487,36 @@ class SnapshotStore:
         if self._closed:
             raise RuntimeError("this SnapshotStore is closed; create a new one or resume with SnapshotStore.from_state_dict.")
 
-    def _write(self, i: int, vec: torch.Tensor) -> None:
-        for block in self._blocks:
+    def _locate(self, i: int) -> tuple[int, int]:
+        """(block index, row within the block) of snapshot ``i``."""
+        for index, block in enumerate(self._blocks):
             if i < block.rows:
-                block.tensor[i].copy_(vec)
-                if i == block.rows - 1:
-                    block.release()  # a full file block is not written again: keep it out of the resident set
-                return
+                return index, i
             i -= block.rows
         raise IndexError(i)
 
-    def _row(self, i: int) -> torch.Tensor:
-        for block in self._blocks:
-            if i < block.rows:
-                return block.tensor[i]
-            i -= block.rows
-        raise IndexError(i)
+    def _write(self, i: int, vec: torch.Tensor) -> None:
+        index, row = self._locate(i)
+        block = self._blocks[index]
+        if block.tensor is not None:
+            block.tensor[row].copy_(vec)
+            return
+        if vec.dtype != self._torch_dtype or not vec.is_contiguous():
+            if self._cast is None:
+                self._cast = torch.empty(self._num_params, dtype=self._torch_dtype)
+            vec = self._cast.copy_(vec)
+        if self._writer is None or self._writer[0] != index:
+            self._close_writer()
+            self._writer = (index, open(block.path, "r+b", buffering=0))  # type: ignore[arg-type]
+        data = memoryview(_numpy_bits(vec)).cast("B")
+        _io_exact(self._writer[1], data, block.offset + row * data.nbytes, True, block.path)  # type: ignore[arg-type]
+        if row == block.rows - 1:
+            self._close_writer()  # a full block is not written again
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer[1].close()
+            self._writer = None
 
     def _reserve(self, rows: int) -> None:
         """Make room for ``rows`` snapshots, adding blocks (and spilling to disk in "auto")."""
@@ -483,7 +531,7 @@ class SnapshotStore:
                 if new_rows < 1 or self._capacity + new_rows < rows:
                     self._spill_to_disk()
                     continue
-            self._blocks.append(_Block(torch.empty((new_rows, self._num_params), dtype=self._torch_dtype)))
+            self._blocks.append(_Block(new_rows, tensor=torch.empty((new_rows, self._num_params), dtype=self._torch_dtype)))
             self._capacity += new_rows
 
     def _ensure_dir(self) -> Path:
@@ -497,15 +545,13 @@ class SnapshotStore:
         directory = self._ensure_dir()
         path = directory / f"{self._prefix}-{len(self._blocks):05d}.npy"
         try:
-            array = np.lib.format.open_memmap(
-                path, mode="w+", dtype=_NUMPY_DTYPES[self._dtype_name], shape=(self._block_rows, self._num_params)
-            )
+            offset = _create_npy(path, _NUMPY_DTYPES[self._dtype_name], (self._block_rows, self._num_params))
         except OSError as err:
             raise ValueError(
                 f"`snapshot_dir`={str(directory)!r}: cannot create {path.name} ({err}); "
                 "expected a writable directory with free space."
             ) from err
-        self._blocks.append(_Block(_torch_view(array, self._dtype_name), array, path))
+        self._blocks.append(_Block(self._block_rows, path=path, offset=offset))
         self._capacity += self._block_rows
 
     def _spill_to_disk(self) -> None:
@@ -536,14 +582,17 @@ class SnapshotStore:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -self._count <= i < self._count:
             raise IndexError(f"`i`={i!r} is out of range for a store of {self._count} snapshots.")
         self._flush_pending()
-        return self._row(int(i) % self._count).to(torch.float32, copy=True)
+        index, row = self._locate(int(i) % self._count)
+        out = torch.empty((1, self._num_params), dtype=torch.float32)
+        with _BlockReader(self) as reader:
+            reader.copy(index, row, row + 1, 0, self._num_params, out)
+        return out[0]
 
     def iter_chunks(self, rows: int | None = None, *, stop: int | None = None) -> Iterator[torch.Tensor]:
         """Stream the snapshots in order as float32 tensors of shape ``(<= rows, P)``.
 
-        Disk blocks are read with positioned reads rather than through the
-        memory map, so streaming a store larger than memory keeps the process's
-        resident set at about one chunk.
+        Disk blocks are read with file reads (no memory map), so streaming a
+        store larger than memory keeps the process's resident set at about one chunk.
 
         Args:
             rows: snapshots per chunk; ``None`` picks about 64 MiB per chunk.
@@ -572,15 +621,27 @@ class SnapshotStore:
                 yield out
 
     def iter_column_blocks(
-        self, cols: int, *, stop: int | None = None, dtype: torch.dtype = torch.float32
+        self,
+        cols: int,
+        *,
+        stop: int | None = None,
+        start: int = 0,
+        dtype: torch.dtype = torch.float32,
+        out: torch.Tensor | None = None,
     ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Stream the K x P matrix of snapshots by column blocks: ``(a, b, X[:stop, a:b])``.
+        """Stream the K x P matrix of snapshots by column blocks: ``(a, b, X[start:stop, a:b])``.
 
         Each block holds ``cols`` consecutive parameter coordinates of every
         snapshot, converted to ``dtype``. Every stored byte is read once, in
         contiguous runs of ``cols`` values per snapshot; disk blocks are read
-        with positioned reads (not through the memory map), so the resident set
-        stays at about one column block however large the store is.
+        with file reads (no memory map), so the resident set stays at about one
+        column block however large the store is. All blocks are views of one
+        buffer: a block is overwritten by the next one (``clone()`` it to keep
+        it), which spares the heap a fresh allocation per block. Pass ``out``
+        (a contiguous 1-D tensor of ``dtype`` with at least
+        ``(stop - start) * min(cols, P)`` elements) to reuse one buffer across
+        calls too; reading in the storage dtype (:attr:`torch_dtype`) needs no
+        conversion buffer at all.
 
         Example:
             >>> store = SnapshotStore(3, storage="memory")
@@ -592,18 +653,26 @@ class SnapshotStore:
         self._check_open()
         cols = check_positive_int("cols", cols)
         stop = self._checked_stop(stop)
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start <= stop:
+            raise ValueError(f"`start`={start!r} is not valid; expected an integer in [0, {stop}].")
         self._flush_pending()
+        offsets = np.cumsum([0] + [b.rows for b in self._blocks])
+        size = (stop - start) * min(cols, self._num_params)
+        if out is None:
+            buffer = torch.empty(size, dtype=dtype)
+        elif isinstance(out, torch.Tensor) and out.dtype == dtype and out.dim() == 1 and out.is_contiguous() and out.numel() >= size:
+            buffer = out
+        else:
+            got = f"a {tuple(out.shape)} {out.dtype} tensor" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"`out` is {got}; expected a contiguous 1-D {dtype} CPU tensor of at least {size} elements.")
         with _BlockReader(self) as reader:
             for a in range(0, self._num_params, cols):
                 b = min(self._num_params, a + cols)
-                out = torch.empty((stop, b - a), dtype=dtype)
-                row = 0
-                for index, block in enumerate(self._blocks):
-                    n = min(block.rows, stop - row)
-                    if n <= 0:
-                        break
-                    reader.copy(index, 0, n, a, b, out[row : row + n])
-                    row += n
+                out = buffer[: (stop - start) * (b - a)].view(stop - start, b - a)
+                for index, (block, first) in enumerate(zip(self._blocks, offsets)):
+                    lo, hi = max(start, int(first)), min(stop, int(first) + block.rows)
+                    if lo < hi:
+                        reader.copy(index, lo - int(first), hi - int(first), a, b, out[lo - start : hi - start])
                 yield a, b, out
 
     def _checked_stop(self, stop: int | None) -> int:
@@ -661,7 +730,7 @@ class SnapshotStore:
     def from_state_dict(cls, state_dict: Mapping[str, Any], *, strict: bool = True) -> SnapshotStore:
         """Reopen a store from :meth:`state_dict` to read it and continue appending.
 
-        Disk snapshots are memory-mapped again from the recorded files; snapshots
+        Disk snapshots are reopened from the recorded files; snapshots
         the files hold past the recorded count (written after the checkpoint) are
         overwritten by the next appends.
 
@@ -722,16 +791,18 @@ class SnapshotStore:
         for file in sd["files"]:
             path = Path(file)
             try:
-                array = np.load(path, mmap_mode="r+", allow_pickle=False)
+                shape, dtype, fortran, offset = _read_npy_header(path)
+                if not os.access(path, os.W_OK):
+                    raise OSError("not writable")
             except (OSError, ValueError) as err:
                 raise ValueError(f"`state_dict['files']` entry {str(path)!r} cannot be opened ({err}); expected the store's .npy file.") from err
-            if array.dtype != np_dtype or array.ndim != 2 or array.shape[1] != store._num_params:
+            if dtype != np_dtype or fortran or len(shape) != 2 or shape[1] != store._num_params:
                 raise ValueError(
-                    f"`state_dict['files']` entry {str(path)!r} holds {array.dtype} of shape {array.shape}; "
+                    f"`state_dict['files']` entry {str(path)!r} holds {dtype} of shape {shape}; "
                     f"expected {np_dtype} of shape (rows, {store._num_params})."
                 )
-            store._blocks.append(_Block(_torch_view(array, store._dtype_name), array, path))
-            store._capacity += array.shape[0]
+            store._blocks.append(_Block(int(shape[0]), path=path, offset=offset))
+            store._capacity += int(shape[0])
         if store._capacity < count:
             raise ValueError(f"`state_dict['files']` hold {store._capacity} rows; expected at least the recorded {count} snapshots.")
         if store._blocks and store._dir is None:
@@ -758,11 +829,9 @@ class SnapshotStore:
             return
         if self._pending is not None:
             self._flush_pending()
+        self._close_writer()
         paths = self.files
-        for block in self._blocks:
-            if isinstance(block.array, np.memmap):
-                block.array.flush()
-        self._blocks, self._capacity, self._staging = [], 0, None
+        self._blocks, self._capacity, self._staging, self._cast = [], 0, None, None
         self._closed = True
         if self._owns_dir and self._finalizer is not None:
             self._finalizer()  # removes the temporary directory
@@ -772,69 +841,53 @@ class SnapshotStore:
 
 
 class _BlockReader:
-    """Copies rectangles of a store's blocks into tensors; file blocks are read with ``os.preadv``.
+    """Copies rectangles of a store's blocks into tensors; file blocks are read with unbuffered file reads.
 
-    Reading through the memory map would leave every touched page (and, with
-    large page-cache folios, its neighbours) mapped into the process, so the
-    resident set would grow to the size of the store. Positioned reads go through
-    the page cache without mapping it. Without ``os.preadv`` (Windows) the memory
-    map is read and its pages released afterwards.
+    Reading through a memory map would leave every touched page mapped into the
+    process, so the resident set would grow to the size of the store; plain reads
+    go through the page cache without mapping it.
     """
 
     def __init__(self, store: SnapshotStore) -> None:
         self._store = store
-        self._fds: dict[int, int] = {}
+        self._files: dict[int, Any] = {}
         self._staging: np.ndarray | None = None
-        self._use_pread = hasattr(os, "preadv")
 
     def __enter__(self) -> _BlockReader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        if not self._use_pread:
-            for block in self._store._blocks:
-                block.release()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def copy(self, index: int, r0: int, r1: int, a: int, b: int, out: torch.Tensor) -> None:
         """``out[:] = block[r0:r1, a:b]``, converting to ``out``'s dtype."""
-        block = self._store._blocks[index]
-        if block.path is None or not isinstance(block.array, np.memmap) or not self._use_pread:
+        store = self._store
+        block = store._blocks[index]
+        if block.tensor is not None:
             out.copy_(block.tensor[r0:r1, a:b])
             return
-        store = self._store
         shape = (r1 - r0, b - a)
-        direct = out.dtype == store._torch_dtype and store._dtype_name != "bfloat16" and out.is_contiguous()
+        direct = out.dtype == store._torch_dtype and out.is_contiguous()
         if direct:
-            target = out.numpy()
+            target = _numpy_bits(out)
         else:
             if self._staging is None or self._staging.size < shape[0] * shape[1]:
                 self._staging = np.empty(shape[0] * shape[1], dtype=_NUMPY_DTYPES[store._dtype_name])
             target = self._staging[: shape[0] * shape[1]].reshape(shape)
-        fd = self._fds.get(index)
-        if fd is None:
-            fd = self._fds[index] = os.open(block.path, os.O_RDONLY)
+        f = self._files.get(index)
+        if f is None:
+            f = self._files[index] = open(block.path, "rb", buffering=0)  # type: ignore[arg-type]
         item, num_params = store._itemsize, store._num_params
-        base = int(block.array.offset)
         if a == 0 and b == num_params:  # whole rows: one contiguous range
-            self._pread(fd, target.reshape(-1), base + r0 * num_params * item, block.path)
+            _io_exact(f, memoryview(target.reshape(-1)).cast("B"), block.offset + r0 * num_params * item, False, block.path)  # type: ignore[arg-type]
         else:
             for i in range(shape[0]):
-                self._pread(fd, target[i], base + ((r0 + i) * num_params + a) * item, block.path)
+                offset = block.offset + ((r0 + i) * num_params + a) * item
+                _io_exact(f, memoryview(target[i]).cast("B"), offset, False, block.path)  # type: ignore[arg-type]
         if not direct:
             out.copy_(_torch_view(target, store._dtype_name))
-
-    @staticmethod
-    def _pread(fd: int, dest: np.ndarray, offset: int, path: Path) -> None:
-        view = memoryview(dest).cast("B")
-        done = 0
-        while done < view.nbytes:
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise OSError(f"{path}: the snapshot file ends early (read {done} of {view.nbytes} bytes at offset {offset}).")
-            done += got
 
 
 # --------------------------------------------------------------------------------------------
@@ -914,21 +967,66 @@ class PCAResult:
         return int(self.components.shape[1])
 
 
-def _gram_schmidt(vectors: torch.Tensor, start: int, stop: int) -> None:
-    """Orthonormalize rows ``start:stop`` of ``vectors`` in place, in order, against all earlier rows (twice)."""
-    for k in range(start, stop):
-        v = vectors[k]
-        for _ in range(2):
-            if k:
-                v -= vectors[:k].T @ (vectors[:k] @ v)
-        norm = torch.linalg.vector_norm(v)
-        if norm > 0:
-            v /= norm
+def _flat_slicer(final: Any, num_params: int) -> Any:
+    """``final`` (a tensor of P elements, or tensors whose flattened concatenation has P) as ``part(a, b)``.
+
+    ``part(a, b)`` returns elements ``a:b`` of the flat vector as a 1-D CPU tensor of the
+    original dtype, gathering the pieces of a sequence without ever concatenating all of it.
+    """
+    if isinstance(final, torch.Tensor):
+        if not final.is_floating_point() or final.numel() != num_params:
+            raise ValueError(
+                f"`final` has {final.numel()} elements of {final.dtype}; expected a floating tensor of "
+                f"{num_params} elements (the store's `num_params`)."
+            )
+        flat = final.detach().reshape(-1)
+        return lambda a, b: flat[a:b].cpu()
+    tensors = list(final) if isinstance(final, (list, tuple)) else None
+    if not tensors or not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
+        raise ValueError(
+            f"`final` is a {type(final).__name__}; expected a floating tensor of {num_params} elements or a "
+            "non-empty list of floating tensors (the parameters, in snapshot order)."
+        )
+    pieces = [t.detach().reshape(-1) for t in tensors]
+    offsets = np.cumsum([0] + [p.numel() for p in pieces])
+    if offsets[-1] != num_params:
+        raise ValueError(f"`final` holds {int(offsets[-1])} elements in all; expected {num_params} (the store's `num_params`).")
+
+    def part(a: int, b: int) -> torch.Tensor:
+        first = int(np.searchsorted(offsets, a, side="right")) - 1
+        out = []
+        for i in range(first, len(pieces)):
+            lo, hi = int(offsets[i]), int(offsets[i + 1])
+            if lo >= b:
+                break
+            out.append(pieces[i][max(a, lo) - lo : min(b, hi) - lo].cpu())
+        dtype = torch.promote_types(torch.float32, out[0].dtype) if len(out) > 1 else out[0].dtype
+        return out[0] if len(out) == 1 else torch.cat([o.to(dtype) for o in out])
+
+    return part
+
+
+def _orthonormalize_rows(vectors: torch.Tensor, cols: int) -> None:
+    """Orthonormalize the rows of ``vectors`` (m x P, float32) in place, in order, by Cholesky QR done twice.
+
+    Row k becomes a combination of rows 0..k, as in Gram–Schmidt. Products are
+    accumulated in float64 over column blocks of ``cols``, so no float64 copy of a
+    row is made.
+    """
+    m, num_params = vectors.shape
+    for _ in range(2):  # twice: the second pass removes what float32 rounding left of the first's error
+        gram = torch.zeros((m, m), dtype=torch.float64)
+        for a in range(0, num_params, cols):
+            block = vectors[:, a : a + cols].double()
+            gram.addmm_(block, block.T)
+        inverse = torch.linalg.inv(torch.linalg.cholesky(gram))
+        for a in range(0, num_params, cols):
+            vectors[:, a : a + cols] = inverse @ vectors[:, a : a + cols].double()
 
 
 def trajectory_pca(
     store: SnapshotStore,
-    final: torch.Tensor,
+    final: torch.Tensor | Sequence[torch.Tensor],
     n_components: int = 2,
     *,
     center: bool = False,
@@ -955,8 +1053,11 @@ def trajectory_pca(
     in float64: the first pass accumulates the n x n Gram matrix G = M Mᵀ, whose
     eigendecomposition G = U diag(s²) Uᵀ gives the singular values s and the
     left singular vectors U; the second forms V_k = Mᵀ U_k / s_k. The path is
-    M V_k = s_k U_k (plus the mean row's projection when centering). Memory is
-    O(n² + n·chunk_size + n_components·P); the n x P matrix is never formed.
+    M V_k = s_k U_k (plus the mean row's projection when centering). The
+    components are kept in float32 and re-orthonormalized (Cholesky QR, twice,
+    accumulated in float64 block by block), so memory is
+    O(n² + n·chunk_size) plus the n_components float32 vectors of the result:
+    the n x P matrix, and any float64 vector of P numbers, is never formed.
 
     Degenerate trajectories: singular values below the numerical-rank tolerance
     (s_k² <= s_1² · n · 1e-12) count as 0. Components past the rank (also when
@@ -973,13 +1074,17 @@ def trajectory_pca(
 
     Args:
         store: the snapshots, at least 3.
-        final: θ_n, a tensor of P elements (flattened like the snapshots).
+        final: θ_n, a tensor of P elements (flattened like the snapshots), or
+            the sequence of tensors whose flattened concatenation it is (e.g.
+            the model's trainable parameters in snapshot order), which are read
+            block by block without making a flat copy.
         n_components: how many principal directions to keep.
         center: subtract the mean row of M before the SVD.
-        chunk_size: parameters per streamed column block; ``None`` picks about
-            64 MiB of float64 per block.
+        chunk_size: parameters per streamed column block; ``None`` picks float64
+            blocks of about an eighth of one float32 copy of the weights (1 to 64 MiB).
         final_step, final_epoch: the step and epoch reported for the final path
             point when it is not the store's last snapshot.
+        seed: seeds the filler directions past the trajectory's rank.
 
     Returns:
         a :class:`PCAResult`.
@@ -1003,23 +1108,33 @@ def trajectory_pca(
     n_components = check_positive_int("n_components", n_components)  # type: ignore[assignment]
     chunk_size = check_positive_int("chunk_size", chunk_size, allow_none=True)
     num_params = store.num_params
-    if not isinstance(final, torch.Tensor) or not final.is_floating_point() or final.numel() != num_params:
-        got = f"{final.numel()} elements of {final.dtype}" if isinstance(final, torch.Tensor) else type(final).__name__
-        raise ValueError(f"`final` has {got}; expected a floating tensor of {num_params} elements (the store's `num_params`).")
+    final_part = _flat_slicer(final, num_params)
     if n_components > num_params:
         raise ValueError(f"`n_components`={n_components} is not valid; expected at most {num_params}, the number of parameters.")
     count = len(store)
     if count < MIN_SNAPSHOTS:
         raise TooFewSnapshotsError(count)
 
-    final_flat = final.detach().reshape(-1).cpu()  # subtracted per block in float64; no full float64 copy
-    final_in_store = bool(torch.equal(store.get(-1), store.quantize(final)))
+    low, high = _PCA_BLOCK_BYTES
+    cols = chunk_size or max(1, min(num_params, max(low, min(high, num_params // 2)) // (8 * count)))
+    # One buffer for the stored values and one for their float64 copies, allocated once for every
+    # pass: a fresh block per step would leave the heap fragmented by freed blocks.
+    raw = torch.empty(count * min(cols, num_params), dtype=store.torch_dtype)
+    wide = torch.empty(raw.numel(), dtype=torch.float64)
+
+    def blocks(start: int, stop: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        for a, b, block in store.iter_column_blocks(cols, start=start, stop=stop, dtype=raw.dtype, out=raw):
+            yield a, b, wide[: block.numel()].view(block.shape).copy_(block)
+
+    # Is the store's last snapshot θ_n itself (``final`` rounded to the storage dtype)? One row read.
+    final_in_store = all(
+        torch.equal(last[0], store.quantize(final_part(a, b)).double()) for a, b, last in blocks(count - 1, count)
+    )
     n = count - 1 if final_in_store else count
-    cols = chunk_size or max(1, min(num_params, _CHUNK_BYTES // (8 * n)))
 
     def centered_blocks() -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
-        for a, b, block in store.iter_column_blocks(cols, stop=n, dtype=torch.float64):
-            block -= final_flat[a:b]
+        for a, b, block in blocks(0, n):
+            block -= final_part(a, b)
             mean = None
             if center:
                 mean = block.mean(dim=0)
@@ -1041,27 +1156,24 @@ def trajectory_pca(
     left = evecs[:, :r]
     weights = left / sing  # n x r: V = Mᵀ U / s
 
-    # Pass 2: V_k = Mᵀ U_k / s_k, and the mean row's projections when centering.
-    comps = torch.zeros((n_components, num_params), dtype=torch.float64)
+    # Pass 2: V_k = Mᵀ U_k / s_k (computed in float64 per block, kept in float32), and the mean
+    # row's projections when centering.
+    comps = torch.zeros((n_components, num_params), dtype=torch.float32)
     mean_proj = torch.zeros(n_components, dtype=torch.float64)
-    mean_row = torch.zeros(num_params, dtype=torch.float64) if center and r < n_components else None
     if r:
         for a, b, block, mean in centered_blocks():
-            comps[:r, a:b] = (block.T @ weights).T
+            part = weights.T @ block
+            comps[:r, a:b] = part
             if mean is not None:
-                mean_proj[:r] += comps[:r, a:b] @ mean
-                if mean_row is not None:
-                    mean_row[a:b] = mean
-    elif mean_row is not None:
-        for a, b, _, mean in centered_blocks():
-            mean_row[a:b] = mean  # type: ignore[assignment]
-    _gram_schmidt(comps, 0, r)  # restores exact orthonormality lost to rounding in small components
+                mean_proj[:r] += part @ mean
+    # Past the rank: deterministic filler directions, orthogonal to the others after the QR below.
     generator = torch.Generator().manual_seed(int(seed))
-    for k in range(r, n_components):  # past the rank: deterministic filler orthogonal to the others
-        comps[k] = torch.randn(num_params, generator=generator, dtype=torch.float64)
-        _gram_schmidt(comps, k, k + 1)
-        if mean_row is not None:
-            mean_proj[k] = comps[k] @ mean_row
+    for k in range(r, n_components):
+        comps[k].normal_(generator=generator)
+    _orthonormalize_rows(comps, cols)  # exact orthonormality, lost to rounding in small components
+    if center and r < n_components:  # the fillers' coordinate of every point is the mean row's projection
+        for a, b, _, mean in centered_blocks():
+            mean_proj[r:] += comps[r:, a:b].double() @ mean  # type: ignore[operator]
 
     path = np.zeros((n + 1, n_components), dtype=np.float64)
     path[:n, :r] = (left * sing).numpy()
@@ -1094,7 +1206,7 @@ def trajectory_pca(
         steps.append(-1 if final_step is None else int(final_step))
         epochs.append(-1 if final_epoch is None else int(final_epoch))
     return PCAResult(
-        components=comps.to(torch.float32),
+        components=comps,
         singular_values=singular_values,
         explained_variance_ratio=ratio,
         path=path,

@@ -175,6 +175,41 @@ def test_pca_argument_errors():
         trajectory_pca(store, final, n_components=0)
 
 
+def test_final_as_the_parameter_list_equals_the_flat_vector(tmp_path):
+    # The callback hands the model's parameters over without flattening them; column blocks of 7
+    # cut across the parameters' boundaries (sizes 6, 4, 1, 9), and a float64 parameter is mixed in.
+    params = [torch.randn(2, 3), torch.randn(4, dtype=torch.float64), torch.randn(()), torch.randn(3, 3)]
+    final = torch.cat([p.reshape(-1).float() for p in params])
+    snaps = final + torch.randn(6, 20).cumsum(0).flip(0)
+    store = fill(SnapshotStore(20, storage="disk", snapshot_dir=tmp_path, block_rows=4), snaps)
+    flat = trajectory_pca(store, final, n_components=2, chunk_size=7, center=True)
+    listed = trajectory_pca(store, params, n_components=2, chunk_size=7, center=True)
+    np.testing.assert_allclose(listed.path, flat.path, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(listed.components, flat.components)
+    store.append(final, step=6, epoch=2)  # the final weights as the last snapshot: recognized from the list too
+    assert trajectory_pca(store, params, chunk_size=7).final_in_store
+    with pytest.raises(ValueError, match="`final` holds 19 elements in all; expected 20"):
+        trajectory_pca(store, [params[0], params[2], params[3], torch.zeros(3)])
+    with pytest.raises(ValueError, match="`final` is a list; expected a floating tensor of 20 elements"):
+        trajectory_pca(store, [])
+    store.close()
+
+
+def test_column_blocks_reuse_one_buffer_and_check_out(tmp_path):
+    snaps = torch.randn(5, 9)
+    store = fill(SnapshotStore(9, storage="disk", snapshot_dir=tmp_path, block_rows=2), snaps)
+    out = torch.empty(3 * 4)
+    blocks = [(a, b, blk.clone(), blk.data_ptr()) for a, b, blk in store.iter_column_blocks(4, start=1, stop=4, out=out)]
+    assert [(a, b) for a, b, _, _ in blocks] == [(0, 4), (4, 8), (8, 9)]
+    assert {ptr for *_, ptr in blocks} == {out.data_ptr()}  # every block is a view of `out`
+    torch.testing.assert_close(torch.cat([blk for _, _, blk, _ in blocks], dim=1), snaps[1:4], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="`out` is a \\(11,\\) torch.float32 tensor; expected a contiguous 1-D torch.float32"):
+        next(store.iter_column_blocks(4, start=1, stop=4, out=torch.empty(11)))
+    with pytest.raises(ValueError, match="`start`=5"):
+        next(store.iter_column_blocks(4, start=5, stop=4))
+    store.close()
+
+
 # ---- storage modes
 
 
@@ -243,19 +278,21 @@ def test_column_streaming_with_small_chunks_gives_the_same_result(tmp_path, monk
     store = fill(SnapshotStore(37, storage="disk", snapshot_dir=tmp_path, block_rows=3), snaps)
     reference = trajectory_pca(store, final, n_components=3, center=True)
 
-    widths: list[int] = []
+    blocks: list[tuple[int, int]] = []
     original = SnapshotStore.iter_column_blocks
 
     def recording(self, cols, **kwargs):
         for a, b, block in original(self, cols, **kwargs):
-            assert block.shape == (len(snaps), b - a)
-            widths.append(b - a)
+            blocks.append(tuple(block.shape))
             yield a, b, block
 
     monkeypatch.setattr(SnapshotStore, "iter_column_blocks", recording)
     chunked = trajectory_pca(store, final, n_components=3, center=True, chunk_size=4)
-    assert widths and max(widths) <= 4  # never more than 4 of the 37 columns at once
-    assert sum(widths) == 2 * 37  # two passes over every column
+    assert blocks and max(width for _, width in blocks) <= 4  # never more than 4 of the 37 columns at once
+    # Two passes over every column of every snapshot, and a look at the last snapshot alone (is it `final`?),
+    # which stops at its first block: `final` is not in this store.
+    assert sum(width for rows, width in blocks if rows == len(snaps)) == 2 * 37
+    assert sum(width for rows, width in blocks if rows == 1) == 4 and len({rows for rows, _ in blocks}) == 2
     np.testing.assert_allclose(chunked.singular_values, reference.singular_values, rtol=1e-10)
     np.testing.assert_allclose(chunked.path, reference.path, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(chunked.components, reference.components)

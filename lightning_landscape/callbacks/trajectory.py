@@ -206,6 +206,7 @@ class TrajectoryPCA(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or self.store is None:
             return
+        self._views, self._buffer = [], None  # no more snapshots: free the model-sized buffer before the PCA
         try:
             self.run(trainer, pl_module)
         except TooFewSnapshotsError as err:
@@ -245,11 +246,9 @@ class TrajectoryPCA(Callback):
         """PCA of the snapshots, the surface on that plane (all ranks), then files and logs (rank zero)."""
         with analysis_context(trainer, pl_module):
             params = dict(pl_module.named_parameters())
-            with torch.no_grad():
-                final = flatten_parameters(params, self._names)
             pca = trajectory_pca(
                 self.store,  # type: ignore[arg-type]
-                final,
+                [params[name] for name in self._names],  # read block by block: no flat copy of the weights
                 2,
                 center=self.center,
                 final_step=trainer.global_step,
