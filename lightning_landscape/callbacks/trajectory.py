@@ -57,10 +57,11 @@ class TrajectoryPCA(Callback):
     Snapshots (trainable parameters, flattened) are taken at fit start and then
     every ``every_n_steps`` optimizer steps or every ``every_n_epochs`` epochs, never
     in validation hooks (where weight-averaging callbacks swap weights in). They
-    live in CPU memory or in memory-mapped files in ``snapshot_dir``, chosen by
-    ``max_memory_mb``; the PCA streams them through the K x K Gram matrix, so disk
-    mode never holds all snapshots in memory. On a GPU the copy is non-blocking,
-    into pinned memory.
+    live in CPU memory or in ``.npy`` files in ``snapshot_dir`` (each opens with
+    ``numpy.load(path, mmap_mode="r")``), chosen by ``max_memory_mb``; the PCA
+    streams them through the K x K Gram matrix, so disk mode holds about one model
+    copy while training and under three during the PCA, however many snapshots
+    there are. On a GPU the copy is non-blocking, into pinned memory.
 
     Logged (rank zero): figures ``trajectory/contour_path`` and ``trajectory/path``,
     scalars ``trajectory/explained_variance_pc1`` and ``_pc2``, and a ``.npz`` with
