@@ -21,8 +21,9 @@ to some eigenvalue, ρ²/δ is the Kato–Temple bound, which is what the eigenv
 the Ritz value has separated. An end stops when its bound is <= tol·|θ|. Like every single-vector
 Krylov method (ARPACK's included), Lanczos can report a neighbouring eigenvalue when the start
 vector barely touches the extreme eigenvector and the two are close: on a test spectrum whose
-λmin = -1 lies 0.2 below the next eigenvalue (0.6 % of the spectrum's width), 1 seed in 200 at
-tol=1e-3 and 3 in 200 at tol=1e-2 returned -0.8 (the plain residual test ρ <= tol·|θ|: 0 and 1).
+λmin = -1 lies 0.2 below the next eigenvalue (0.6 % of the spectrum's width), at most 1 start
+vector in 200 at tol=1e-3 and 3 in 200 at tol=1e-2 returned -0.8 (over two eigenbases; the plain
+residual test ρ <= tol·|θ|, which costs more products: 0 and 1).
 The basis costs steps × P × 8 bytes; when it reaches ``max_basis`` vectors before convergence,
 ARPACK (``eigsh``) takes over from the Ritz vectors.
 
