@@ -41,7 +41,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -224,6 +224,22 @@ class HessianOperator(LinearOperator):
         return self  # H is symmetric
 
 
+class SpectralDensity(NamedTuple):
+    """The Hessian's spectral density: ``values`` on the eigenvalue axis ``grid``.
+
+    A named pair, so it unpacks as ``grid, values = report.density``. The values are
+    a Gaussian-broadened density that integrates to 1 over the whole line.
+
+    Example:
+        >>> grid, values = SpectralDensity(np.array([-1.0, 0.0, 1.0]), np.array([0.0, 1.0, 0.0]))
+        >>> grid.tolist(), values.tolist()
+        ([-1.0, 0.0, 1.0], [0.0, 1.0, 0.0])
+    """
+
+    grid: np.ndarray
+    values: np.ndarray
+
+
 @dataclass
 class HessianReport:
     """What :func:`hessian_check` found.
@@ -236,9 +252,9 @@ class HessianReport:
             0.0 when λmax is 0 (``None`` without λmin).
         trace: the estimated trace of H (``None`` when not computed).
         trace_stderr: the standard error of ``trace``.
-        density_grid: the eigenvalue axis of the spectral density.
-        density: the Gaussian-broadened spectral density on ``density_grid``;
-            it integrates to 1 over the whole line.
+        density: the spectral density (``None`` when not computed), a
+            :class:`SpectralDensity` pair ``(grid, values)``: the Gaussian-broadened
+            density ``values`` on the eigenvalue axis ``grid``, integrating to 1.
         loss: the sample-weighted mean loss at the weights analysed.
         num_hvp: Hessian-vector products used, in full passes over the data.
         seconds: wall time of the analysis.
@@ -257,22 +273,19 @@ class HessianReport:
     ratio: float | None = None
     trace: float | None = None
     trace_stderr: float | None = None
-    density_grid: np.ndarray | None = None
-    density: np.ndarray | None = None
+    density: SpectralDensity | None = None
     loss: float | None = None
     num_hvp: int = 0
     seconds: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    _ARRAYS = ("eigenvalues", "density_grid", "density")
     _SCALARS = ("lambda_max", "lambda_min", "ratio", "trace", "trace_stderr", "loss", "num_hvp", "seconds")
 
     def __post_init__(self) -> None:
         self.eigenvalues = np.asarray(self.eigenvalues, dtype=np.float64)
-        for name in ("density_grid", "density"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, np.asarray(value, dtype=np.float64))
+        if self.density is not None:
+            grid, values = self.density
+            self.density = SpectralDensity(np.asarray(grid, dtype=np.float64), np.asarray(values, dtype=np.float64))
 
     def scalars(self) -> dict[str, float]:
         """``lambda_max``, ``lambda_min``, ``ratio`` and ``trace`` for a logger, only those computed."""
@@ -282,13 +295,16 @@ class HessianReport:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the report to one ``.npz`` file and return its path.
 
-        Arrays are stored under plain names (``eigenvalues``, ``density_grid``,
-        ``density``), the scalars and the metadata in ``metadata_json``.
+        Arrays are stored under plain names (``eigenvalues``, and with a density
+        ``density_grid`` and ``density`` for its values), the scalars and the
+        metadata in ``metadata_json``.
         """
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(".npz")
-        arrays = {name: getattr(self, name) for name in self._ARRAYS if getattr(self, name) is not None}
+        arrays = {"eigenvalues": self.eigenvalues}
+        if self.density is not None:
+            arrays.update(density_grid=self.density.grid, density=self.density.values)
         # JSON writes floats with repr, which round-trips every float64 exactly (NaN included).
         scalars = {name: getattr(self, name) for name in self._SCALARS}
         meta = dict(self.metadata, report_scalars=scalars, array_names=list(arrays))
@@ -313,7 +329,8 @@ class HessianReport:
             meta = json.loads(str(data["metadata_json"]))
             scalars = meta.pop("report_scalars")
             arrays = {name: data[name] for name in meta.pop("array_names")}
-        return cls(**arrays, **scalars, metadata=meta)
+        density = SpectralDensity(arrays["density_grid"], arrays["density"]) if "density" in arrays else None
+        return cls(eigenvalues=arrays["eigenvalues"], density=density, **scalars, metadata=meta)
 
 
 # --- numerical routines on any symmetric float64 operator --------------------------------------
@@ -814,8 +831,7 @@ def hessian_check(
         ratio=ratio,
         trace=trace_value,
         trace_stderr=trace_stderr,
-        density_grid=grid,
-        density=values,
+        density=None if values is None else SpectralDensity(grid, values),
         loss=loss,
         num_hvp=op.num_hvp,
         seconds=time.perf_counter() - start,

@@ -33,17 +33,18 @@ def plot_density(report: HessianReport, *, title: str | None = None) -> Figure:
     Example:
         >>> grid = np.linspace(-1, 5, 50)
         >>> report = HessianReport(eigenvalues=np.array([4.0]), lambda_max=4.0, lambda_min=-0.5,
-        ...                        density_grid=grid, density=np.exp(-grid**2))
+        ...                        density=(grid, np.exp(-grid**2)))
         >>> plot_density(report).axes[0].get_yscale()
         'log'
     """
-    if report.density is None or report.density_grid is None:
+    if report.density is None:
         raise ValueError("`report` holds no spectral density; expected a report of hessian_check(..., density=True).")
     fig = _new_figure()
     ax = fig.add_subplot()
-    density = _masked_values(report.density, True)
-    ax.plot(report.density_grid, density, color="k", lw=1.0)
-    ax.fill_between(report.density_grid, density.filled(np.nan), alpha=0.15, color="0.3")
+    grid, values = report.density
+    density = _masked_values(values, True)
+    ax.plot(grid, density, color="k", lw=1.0)
+    ax.fill_between(grid, density.filled(np.nan), alpha=0.15, color="0.3")
     _mark_extremes(ax, report)
     ax.set_yscale("log")
     if density.count():

@@ -220,11 +220,11 @@ def test_density_of_known_spectrum_is_the_broadened_eigenvalues():
     # Hutchinson with Rademacher probes is exact on a diagonal matrix.
     assert report.trace == pytest.approx(18.5) and report.trace_stderr == pytest.approx(0.0, abs=1e-12)
     # Full Lanczos from a Rademacher vector gives every eigenvalue weight 1/6 whatever the vector.
-    grid, width = report.density_grid, sigma * 11.0
+    (grid, density), width = report.density, sigma * 11.0
     assert grid[0] == pytest.approx(-1.0 - 3 * width) and grid[-1] == pytest.approx(10.0 + 3 * width)
     gauss = np.exp(-0.5 * ((grid[:, None] - curvatures.numpy()[None, :]) / width) ** 2) / (width * math.sqrt(2 * math.pi))
-    np.testing.assert_allclose(report.density, gauss.mean(axis=1), rtol=1e-6, atol=1e-9)
-    assert np.trapezoid(report.density, grid) == pytest.approx(1.0, abs=1e-3)
+    np.testing.assert_allclose(density, gauss.mean(axis=1), rtol=1e-6, atol=1e-9)
+    assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=1e-3)
 
 
 # A known spectrum shaped like a network's: three positive outliers over a bulk, two negative outliers.
@@ -309,11 +309,12 @@ def test_maxiter_caps_the_products_and_warns():
 def test_density_on_a_network_is_a_probability_density_within_the_spectrum():
     model, data = make_problem("mlp")
     report = hessian_check(model, data, F.cross_entropy, density=True, density_runs=2, density_steps=30)
-    assert report.density.shape == report.density_grid.shape == (512,)
-    assert np.all(report.density >= 0)
-    assert np.trapezoid(report.density, report.density_grid) == pytest.approx(1.0, abs=1e-3)
-    assert report.density_grid[0] < report.lambda_min and report.density_grid[-1] > report.lambda_max
-    mean = np.trapezoid(report.density * report.density_grid, report.density_grid)
+    grid, density = report.density
+    assert density.shape == grid.shape == report.density.values.shape == (512,)
+    assert np.all(density >= 0)
+    assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=1e-3)
+    assert grid[0] < report.lambda_min and grid[-1] > report.lambda_max
+    mean = np.trapezoid(density * grid, grid)
     assert report.lambda_min < mean < report.lambda_max
 
 
@@ -357,7 +358,7 @@ def test_zero_hessian_gives_zero_ratio_without_warnings_or_nan():
         report = hessian_check(model, data, loss_independent_of_weights, top_k=2, trace=True, density=True, density_steps=5)
     assert report.ratio == 0.0 and report.lambda_max == 0.0 and report.lambda_min == 0.0
     assert np.array_equal(report.eigenvalues, np.zeros(2)) and report.trace == 0.0
-    assert np.all(np.isfinite(report.density))
+    assert np.all(np.isfinite(report.density.values))
 
 
 def test_nonfinite_loss_raises_and_restores_model():
@@ -449,9 +450,14 @@ def test_report_save_load_round_trip(tmp_path):
     partial = hessian_check(model, data, F.cross_entropy, lambda_min=False)
     for name, report in (("full", full), ("partial", partial)):
         back = HessianReport.load(report.save(tmp_path / name))
-        for attr in ("eigenvalues", "density_grid", "density"):
-            a, b = getattr(report, attr), getattr(back, attr)
-            assert (a is None and b is None) or (np.array_equal(a, b) and b.dtype == np.float64), attr
+        assert np.array_equal(back.eigenvalues, report.eigenvalues) and back.eigenvalues.dtype == np.float64
+        if report.density is None:
+            assert back.density is None
+        else:
+            for a, b in zip(report.density, back.density):
+                assert np.array_equal(a, b) and b.dtype == np.float64
+        with np.load(report.save(tmp_path / f"{name}-plain.npz")) as arrays:  # plain array names in the file
+            assert set(arrays.files) == {"eigenvalues", "metadata_json"} | ({"density_grid", "density"} if report.density else set())
         for attr in ("lambda_max", "lambda_min", "ratio", "trace", "trace_stderr", "loss", "num_hvp", "seconds"):
             assert getattr(back, attr) == getattr(report, attr), attr
         assert back.metadata == report.metadata

@@ -65,7 +65,7 @@ def test_spectrum_matches_exact_hessian_and_logs(tmp_path):
     assert r.lambda_min == pytest.approx(exact[0], rel=1e-2)
     assert r.ratio == pytest.approx(abs(exact[0] / exact[-1]), rel=1e-2)
     assert abs(r.trace - exact.sum()) <= 3 * r.trace_stderr + 1e-6
-    assert r.density is not None and np.all(r.density >= 0)
+    assert r.density is not None and np.all(r.density.values >= 0) and r.density.grid.shape == r.density.values.shape
     assert r.metadata["loss_source"] == "training_step"
     # Files and the CSV scalars.
     back = HessianReport.load(tmp_path / "out" / "hessian.npz")
