@@ -19,7 +19,16 @@ ForwardFn = Callable[[nn.Module, Any], tuple[Any, Any]]
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor inside ``batch`` (nested tuples, lists, dicts) to ``device``."""
+    """Move every tensor inside ``batch`` (nested tuples, lists, dicts) to ``device``.
+
+    Non-tensor leaves are kept as they are.
+
+    Example:
+        >>> batch = {"x": torch.zeros(2), "pair": (torch.ones(1), "label")}
+        >>> moved = move_to_device(batch, torch.device("cpu"))
+        >>> moved["x"].device, moved["pair"][1]
+        (device(type='cpu'), 'label')
+    """
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
@@ -53,7 +62,17 @@ def cache_batches(data: Iterable[Any], device: torch.device | str, num_batches: 
 
 
 def count_samples(*candidates: Any) -> int:
-    """Number of samples in the first tensor found in ``candidates`` (its leading dimension)."""
+    """Number of samples in the first tensor found in ``candidates`` (its leading dimension).
+
+    Raises:
+        ValueError: if no candidate holds a tensor.
+
+    Example:
+        >>> count_samples(None, {"x": torch.zeros(5, 3)})
+        5
+        >>> count_samples(torch.tensor(2.0))  # a 0-dim tensor is one sample
+        1
+    """
     for candidate in candidates:
         tensor = _first_tensor(candidate)
         if tensor is not None:
@@ -75,7 +94,13 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
 
 
 def default_forward(model: nn.Module, batch: Any) -> tuple[Any, Any]:
-    """The default ``forward_fn``: a batch is ``(inputs, targets)``; outputs are ``model(inputs)``."""
+    """The default ``forward_fn``: a batch is ``(inputs, targets)``; outputs are ``model(inputs)``.
+
+    Example:
+        >>> outputs, targets = default_forward(nn.Linear(2, 1), (torch.zeros(4, 2), torch.ones(4, 1)))
+        >>> outputs.shape, targets.shape
+        (torch.Size([4, 1]), torch.Size([4, 1]))
+    """
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise ValueError(
             f"a batch of type {type(batch).__name__} is not an (inputs, targets) pair; "
@@ -86,7 +111,12 @@ def default_forward(model: nn.Module, batch: Any) -> tuple[Any, Any]:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
+    """The device of the model's first parameter (CPU for a model without parameters).
+
+    Example:
+        >>> model_device(nn.Linear(2, 1)), model_device(nn.ReLU())
+        (device(type='cpu'), device(type='cpu'))
+    """
     for p in model.parameters():
         return p.device
     return torch.device("cpu")

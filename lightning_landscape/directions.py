@@ -29,6 +29,12 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
     Raises:
         ValueError: if the model has none.
+
+    Example:
+        >>> model = nn.Linear(3, 2)
+        >>> _ = model.bias.requires_grad_(False)
+        >>> list(trainable_parameters(model))
+        ['weight']
     """
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not params:
@@ -152,6 +158,14 @@ def check_direction(name: str, direction: object, params: Mapping[str, torch.Ten
 
     Raises:
         ValueError: naming the argument, the mismatching keys or shapes.
+
+    Example:
+        >>> params = {"w": torch.zeros(2, 3)}
+        >>> check_direction("d", {"w": torch.ones(2, 3)}, params)  # a match returns None
+        >>> check_direction("d", {"w": torch.ones(3)}, params)
+        Traceback (most recent call last):
+            ...
+        ValueError: `d['w']` has shape (3,); expected (2, 3), the parameter's shape.
     """
     if not isinstance(direction, Mapping):
         raise ValueError(f"`{name}` is a {type(direction).__name__}; expected a dict of tensors keyed by parameter name.")

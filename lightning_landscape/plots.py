@@ -227,6 +227,12 @@ def plotly_surface(landscape: Landscape, *, value: str = "loss") -> Any:
 
     Raises:
         ImportError: if plotly is not installed.
+
+    Example:
+        >>> a = np.linspace(-1, 1, 3)
+        >>> fig = plotly_surface(Landscape(coords=[a, a], values={"loss": np.ones((3, 3))}))
+        >>> fig.data[0].type, fig.layout.scene.zaxis.title.text
+        ('surface', 'loss')
     """
     import plotly.graph_objects as go
 
@@ -272,5 +278,10 @@ def plot_path(
 
 
 def pca_axis_labels(explained_variance_ratio: np.ndarray) -> list[str]:
-    """``["PC1 (71.2%)", "PC2 (12.0%)"]`` from explained-variance ratios."""
+    """``["PC1 (71.2%)", "PC2 (12.0%)"]`` from explained-variance ratios.
+
+    Example:
+        >>> pca_axis_labels(np.array([0.712, 0.12]))
+        ['PC1 (71.2%)', 'PC2 (12.0%)']
+    """
     return [f"PC{i + 1} ({100 * float(r):.1f}%)" for i, r in enumerate(explained_variance_ratio)]

@@ -27,6 +27,11 @@ class ModelState:
     ``parameters`` and ``buffers`` are detached copies of the values on entry,
     keyed by name; an analysis may use them as its reference point (for
     example the centre θ* of a loss surface) instead of copying the model again.
+
+    Example:
+        >>> state = capture_state(nn.Linear(2, 1))
+        >>> state.trainable_names(), state.training
+        (['weight', 'bias'], {'': True})
     """
 
     parameters: dict[str, torch.Tensor]
@@ -81,7 +86,16 @@ def capture_state(model: nn.Module) -> ModelState:
 
 
 def restore_state(model: nn.Module, state: ModelState) -> None:
-    """Put ``model`` back into ``state`` in place (same tensor objects, values bit for bit)."""
+    """Put ``model`` back into ``state`` in place (same tensor objects, values bit for bit).
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> state = capture_state(model)
+        >>> _ = model.weight.data.zero_(), model.eval()
+        >>> restore_state(model, state)
+        >>> torch.equal(model.weight, state.parameters["weight"]), model.training
+        (True, True)
+    """
     # Restoring must work even when the analysis failed inside inference mode.
     with torch.inference_mode(False), torch.no_grad():
         for name, p in model.named_parameters():

@@ -36,7 +36,14 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def make_batch_loss(loss_fn: LossFn, forward_fn: ForwardFn | None = None) -> BatchLoss:
-    """Build a :data:`BatchLoss` from a ``loss_fn(outputs, targets)`` and an optional ``forward_fn``."""
+    """Build a :data:`BatchLoss` from a ``loss_fn(outputs, targets)`` and an optional ``forward_fn``.
+
+    Example:
+        >>> batch_loss = make_batch_loss(nn.functional.mse_loss, lambda model, batch: (model(batch["x"]), batch["y"]))
+        >>> loss, n, outputs, targets = batch_loss(nn.Identity(), {"x": torch.ones(4, 1), "y": torch.zeros(4, 1)})
+        >>> loss.item(), n
+        (1.0, 4)
+    """
     if not callable(loss_fn):
         raise ValueError(f"`loss_fn`={loss_fn!r} is not callable; expected loss_fn(outputs, targets) -> Tensor.")
     forward = forward_fn or default_forward
@@ -209,6 +216,13 @@ def set_plane_point(
     The point is rebuilt from the saved centre every time, so no rounding error
     accumulates across grid points, and all-zero coefficients give θ* bit for bit.
     ``steps[k]`` holds direction k's tensors in the order of ``targets``.
+
+    Example:
+        >>> targets, center = [torch.zeros(2)], [torch.ones(2)]
+        >>> steps = [[torch.tensor([1.0, 0.0])], [torch.tensor([0.0, 1.0])]]
+        >>> set_plane_point(targets, center, steps, [0.5, -2.0])
+        >>> targets[0].tolist()
+        [1.5, -1.0]
     """
     with torch.no_grad():
         torch._foreach_copy_(targets, center)
@@ -231,6 +245,16 @@ def surface_from_evaluator(
     This is :func:`loss_surface` for callers that build their own evaluator (a
     Lightning module's loss, a cross-process ``reduce``). ``resume`` continues a
     partial result of the same grid. See :func:`loss_surface` for the rest.
+
+    Example:
+        >>> from lightning_landscape import random_direction
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(2, 1)
+        >>> ev = GridEvaluator([(torch.ones(4, 2), torch.zeros(4, 1))], make_batch_loss(nn.functional.mse_loss))
+        >>> direction = random_direction(model, seed=0)
+        >>> ls = surface_from_evaluator(model, ev, direction, [np.linspace(-1, 1, 3)], progress=False)
+        >>> ls.loss.shape, ls.metadata["kind"], ls.metadata["center_loss"] == float(ls.loss[1])
+        ((3,), 'surface', True)
     """
     dirs = _as_direction_list(directions)
     params = trainable_parameters(model)
@@ -343,7 +367,15 @@ def interpolation_from_evaluator(
     progress: bool | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Landscape:
-    """:func:`interpolate` with a ready :class:`GridEvaluator`."""
+    """:func:`interpolate` with a ready :class:`GridEvaluator`.
+
+    Example:
+        >>> a, b = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+        >>> _ = nn.init.zeros_(a.weight), nn.init.ones_(b.weight)
+        >>> ev = GridEvaluator([(torch.ones(2, 1), torch.zeros(2, 1))], make_batch_loss(nn.functional.mse_loss))
+        >>> interpolation_from_evaluator(a, ev, a, b, [0.0, 0.5, 1.0], progress=False).loss.tolist()
+        [0.0, 0.25, 1.0]
+    """
     alphas = as_coordinate_array("alphas", alphas)
     start_sd, end_sd = _state_of("start", start), _state_of("end", end)
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}

@@ -19,7 +19,16 @@ log = logging.getLogger(__name__)
 
 
 class SavableResult(Protocol):
-    """Anything with ``save(path) -> Path`` (a Landscape, a HessianReport)."""
+    """Anything with ``save(path) -> Path`` (a Landscape, a HessianReport).
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from lightning_landscape import Landscape
+        >>> result: SavableResult = Landscape(coords=[np.arange(3.0)], values={"loss": np.ones(3)})
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     result.save(Path(tmp) / "surface.npz").name
+        'surface.npz'
+    """
 
     def save(self, path: str | os.PathLike) -> Path: ...
 
@@ -82,6 +91,15 @@ def log_to_loggers(
     - Any other logger (CSV, MLflow, ...): ``log_metrics`` with the scalars.
 
     Keys are ``<prefix>/<name>``.
+
+    Example:
+        >>> class PrintLogger:  # stands in for a CSV or MLflow logger
+        ...     def log_metrics(self, metrics, step):
+        ...         print(step, metrics)
+        ...     def save(self):
+        ...         pass
+        >>> log_to_loggers([PrintLogger()], "surface", step=3, scalars={"center_loss": 0.5}, figures={}, files={})
+        3 {'surface/center_loss': 0.5}
     """
     named = {f"{prefix}/{k}": float(v) for k, v in scalars.items()}
     for logger in loggers:

@@ -229,7 +229,15 @@ def _io_exact(f: Any, view: memoryview, offset: int, write: bool, path: Path) ->
 
 
 def check_writable_dir(path: Path) -> None:
-    """Create ``path`` if needed and check a file can be written there; ``ValueError`` naming ``snapshot_dir`` if not."""
+    """Create ``path`` if needed and check a file can be written there; ``ValueError`` naming ``snapshot_dir`` if not.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     check_writable_dir(Path(tmp) / "snapshots" / "run1")
+        ...     sorted(p.name for p in Path(tmp).rglob("*"))  # created, and the write probe is gone
+        ['run1', 'snapshots']
+    """
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
