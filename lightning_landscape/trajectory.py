@@ -562,6 +562,36 @@ class SnapshotStore:
         self._blocks.append(_Block(self._block_rows, path=path, offset=offset))
         self._capacity += self._block_rows
 
+    def move_to_disk(self) -> None:
+        """Move the snapshots held in memory to ``.npy`` files in ``snapshot_dir``; later ones go there too.
+
+        What an ``"auto"`` store does by itself once it outgrows ``max_memory_mb``. Call it
+        to make the store resumable from :meth:`state_dict` earlier (``TrajectoryPCA`` does,
+        before a checkpoint, when a ``snapshot_dir`` was given). A no-op on disk.
+
+        Raises:
+            ValueError: for a store created with ``storage="memory"``.
+            RuntimeError: if the store is closed.
+
+        Example:
+            >>> import tempfile
+            >>> with tempfile.TemporaryDirectory() as tmp:
+            ...     store = SnapshotStore(2, storage="auto", snapshot_dir=tmp)
+            ...     store.append(torch.ones(2), step=0, epoch=0)
+            ...     before = store.storage
+            ...     store.move_to_disk()
+            ...     print(before, store.storage, len(store.files), store.get(0).tolist())
+            ...     store.close()
+            memory disk 1 [1.0, 1.0]
+        """
+        self._check_open()
+        if self._storage == "disk":
+            return
+        if self._requested_storage == "memory":
+            raise ValueError("this store was created with `storage`='memory'; expected 'auto' or 'disk' to move it to disk.")
+        self._flush_pending()
+        self._spill_to_disk()
+
     def _spill_to_disk(self) -> None:
         """Move every snapshot held in memory to disk files, once; later snapshots go to disk."""
         old = self._blocks

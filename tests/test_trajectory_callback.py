@@ -81,9 +81,10 @@ def test_every_n_epochs_snapshots_at_fit_start_and_epoch_ends(tmp_path):
     assert cb.pca.epochs[0] == 0
 
 
-def test_state_dict_is_plain_and_resume_continues_the_same_trajectory(tmp_path):
+@pytest.mark.parametrize("storage", ["disk", "auto"])  # auto: in memory until the first checkpoint moves it to disk
+def test_state_dict_is_plain_and_resume_continues_the_same_trajectory(tmp_path, storage):
     def run(root, max_epochs, ckpt_path=None, snapshot_dir=None):
-        cb = TrajectoryPCA(every_n_steps=1, resolution=3, storage="disk", snapshot_dir=str(snapshot_dir), progress=False)
+        cb = TrajectoryPCA(every_n_steps=1, resolution=3, storage=storage, snapshot_dir=str(snapshot_dir), progress=False)
         ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1)
         small_fit(root, [cb, ckpt], max_epochs=max_epochs, shuffle=False, ckpt_path=ckpt_path, enable_checkpointing=True)
         return cb
@@ -98,6 +99,7 @@ def test_state_dict_is_plain_and_resume_continues_the_same_trajectory(tmp_path):
     torch.load(path, weights_only=True)  # counters and paths only, no pickled objects
     resumed = run(tmp_path / "part", 3, ckpt_path=str(ckpt), snapshot_dir=tmp_path / "part_snaps")
     assert first.pca.steps == list(range(7))
+    assert first.store.storage == "disk" and len(list((tmp_path / "part_snaps").glob("*.npy"))) >= 1  # kept for the resume
     assert resumed.pca.steps == full.pca.steps == list(range(19))
     np.testing.assert_allclose(resumed.pca.explained_variance_ratio, full.pca.explained_variance_ratio, rtol=1e-6)
     np.testing.assert_allclose(resumed.pca.path, full.pca.path, rtol=1e-5, atol=1e-7)

@@ -451,3 +451,17 @@ def test_path_range_covers_the_path_with_margin():
         path_range(path, margin=-0.1)
     with pytest.raises(ValueError, match="`path` has shape"):
         path_range(np.zeros(3))
+
+
+def test_move_to_disk_keeps_every_snapshot_and_refuses_a_memory_store(tmp_path):
+    snaps = torch.randn(5, 7)
+    auto = fill(SnapshotStore(7, storage="auto", snapshot_dir=tmp_path, block_rows=2), snaps[:3])
+    auto.move_to_disk()
+    fill(auto, snaps[3:], first_step=3)  # appends continue on disk
+    assert auto.storage == "disk" and len(auto.files) == 3 and auto.steps == list(range(5))
+    resumed = SnapshotStore.from_state_dict(auto.state_dict())
+    torch.testing.assert_close(torch.cat(list(resumed.iter_chunks())), snaps, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="`storage`='memory'"):
+        SnapshotStore(7, storage="memory").move_to_disk()
+    auto.close()
+    resumed.close()

@@ -77,7 +77,9 @@ class TrajectoryPCA(Callback):
             ``"memory"`` or ``"disk"``.
         max_memory_mb: memory budget for snapshots in ``"auto"`` storage.
         snapshot_dir: directory for disk snapshots (default: a temporary one);
-            give one to resume an interrupted run from a checkpoint.
+            give one to resume an interrupted run from a checkpoint. With ``"auto"``
+            storage the snapshots move there at the first checkpoint, since a
+            checkpoint carries the trajectory only through its files.
         snapshot_dtype: ``"float32"``, or ``"float16"``/``"bfloat16"`` to halve the size.
         center: subtract the mean snapshot before the SVD (sklearn-PCA style).
         data, num_batches, metrics, seed, dirpath, log_scale, progress, loss_fn,
@@ -166,6 +168,8 @@ class TrajectoryPCA(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.store is None:
             return {}
+        if self.store.storage == "memory" and self.storage == "auto" and self.snapshot_dir is not None:
+            self.store.move_to_disk()  # a checkpoint carries the trajectory only through its files
         self.store.flush()
         return {"store": self.store.state_dict(), "names": list(self._names)}
 
