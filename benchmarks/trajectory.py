@@ -1,6 +1,6 @@
 """TrajectoryPCA cost, measured side by side in one run: training slowdown and snapshot memory.
 
-    python benchmarks/trajectory.py [--repeats 7] [--epochs 5] [--threads 1] [--snapshots 50 100 200]
+    python benchmarks/trajectory.py [--repeats 21] [--epochs 20] [--threads 1] [--snapshots 50 100 200]
 
 1. Training slowdown. The digits example (``DigitsClassifier()``, 16 channels, BatchNorm, 5,114
    weights; ``DigitsDataModule()``, batch 64, 23 steps per epoch, validation every epoch) is
@@ -43,7 +43,7 @@
    (there was one before snapshots went through one reused buffer).
 
 Needs psutil (the ``bench`` extra) and scikit-learn (the digits data); the memory part reads
-/proc and is Linux (glibc) only. Takes about 4-6 minutes on 2 shared cores.
+/proc and is Linux (glibc) only. Takes about 4 minutes on 2 cores (2 for each part).
 """
 
 from __future__ import annotations
@@ -308,8 +308,9 @@ def memory_benchmark(counts: list[int], threads: int, memory_counts: list[int], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--epochs", type=int, default=5)
+    # A plain 5-epoch run takes 0.3 s here, too short against run-to-run noise: 20 epochs, 21 repeats.
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training runs")
     parser.add_argument("--memory-threads", type=int, default=1, help="torch threads of the memory runs")
     parser.add_argument("--snapshots", type=int, nargs="+", default=[50, 100, 200])
