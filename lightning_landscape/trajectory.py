@@ -29,12 +29,14 @@ This module is the Lightning-free core:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
 import tempfile
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +72,8 @@ _CHUNK_BYTES = 64 * 2**20  # target size of one chunk streamed by SnapshotStore.
 # these bounds), so that with its two float32 components it stays well under three model copies.
 _PCA_BLOCK_BYTES = (2**20, 64 * 2**20)
 _STATE_FORMAT = "lightning_landscape.SnapshotStore/1"
+# A reader keeps at most this many block files open (a big model has one snapshot per file).
+_MAX_OPEN_FILES = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -888,7 +892,7 @@ class _BlockReader:
 
     def __init__(self, store: SnapshotStore) -> None:
         self._store = store
-        self._files: dict[int, Any] = {}
+        self._files: OrderedDict[int, Any] = OrderedDict()  # open block files, least recently used first
         self._staging: np.ndarray | None = None
 
     def __enter__(self) -> _BlockReader:
@@ -916,7 +920,11 @@ class _BlockReader:
             target = self._staging[: shape[0] * shape[1]].reshape(shape)
         f = self._files.get(index)
         if f is None:
+            if len(self._files) >= _MAX_OPEN_FILES:  # stay far below the process's open-file limit
+                self._files.popitem(last=False)[1].close()
             f = self._files[index] = open(block.path, "rb", buffering=0)  # type: ignore[arg-type]
+        else:
+            self._files.move_to_end(index)
         item, num_params = store._itemsize, store._num_params
         if a == 0 and b == num_params:  # whole rows: one contiguous range
             _io_exact(f, memoryview(target.reshape(-1)).cast("B"), block.offset + r0 * num_params * item, False, block.path)  # type: ignore[arg-type]
@@ -1019,7 +1027,7 @@ def _flat_slicer(final: Any, num_params: int) -> Any:
             )
         flat = final.detach().reshape(-1)
         return lambda a, b: flat[a:b].cpu()
-    tensors = list(final) if isinstance(final, (list, tuple)) else None
+    tensors = list(final) if isinstance(final, Iterable) and not isinstance(final, (str, bytes, Mapping)) else None
     if not tensors or not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
         raise ValueError(
             f"`final` is a {type(final).__name__}; expected a floating tensor of {num_params} elements or a "
@@ -1038,8 +1046,10 @@ def _flat_slicer(final: Any, num_params: int) -> Any:
             if lo >= b:
                 break
             out.append(pieces[i][max(a, lo) - lo : min(b, hi) - lo].cpu())
-        dtype = torch.promote_types(torch.float32, out[0].dtype) if len(out) > 1 else out[0].dtype
-        return out[0] if len(out) == 1 else torch.cat([o.to(dtype) for o in out])
+        if len(out) == 1:
+            return out[0]
+        dtype = functools.reduce(torch.promote_types, (o.dtype for o in out))
+        return torch.cat([o.to(dtype) for o in out])
 
     return part
 

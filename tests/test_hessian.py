@@ -241,11 +241,11 @@ def test_lanczos_stopping_rule_meets_tol_on_a_known_spectrum(tol):
     assert both.ratio == pytest.approx(1 / 30, rel=2 * tol)
     assert both.metadata["converged"] and both.metadata["eigensolver"] == "lanczos"
     # One Krylov space for both ends: λmin costs only the steps it needs beyond λmax's, not a second
-    # run. With seed 0: 15, 21 and 22 products (ARPACK's eigsh took 4 to 5 times more per end).
-    assert both.num_hvp <= {1e-2: 20, 1e-3: 25, 1e-4: 30}[tol]
+    # run. With seed 0: 20, 24 and 28 products (ARPACK's eigsh took 4 to 5 times more per end).
+    assert both.num_hvp <= {1e-2: 22, 1e-3: 26, 1e-4: 30}[tol]
     top = hessian_check(model, data, batch_loss=batch_loss, lambda_min=False, tol=tol)
     assert top.lambda_max == pytest.approx(30.0, rel=tol)
-    assert top.num_hvp <= 6  # a separated outlier: 3 to 5 products
+    assert top.num_hvp <= {1e-2: 5, 1e-3: 5, 1e-4: 7}[tol]  # a separated outlier
     assert top.num_hvp < both.num_hvp
 
 
@@ -263,12 +263,58 @@ def test_lanczos_error_bounds_hold_at_every_step():
     tops = np.array([h[0] for h in result.history])
     bottoms = np.array([h[2] for h in result.history])
     assert np.all(np.diff(tops) >= -1e-12) and np.all(np.diff(bottoms) <= 1e-12)  # monotone (interlacing)
-    # Each extreme Ritz value is within its error bound of an eigenvalue (after the first steps, where
-    # the gap estimate of the quadratic bound is still coarse), and reaches the extreme one.
-    for theta_max, bound_max, theta_min, bound_min in result.history[3:]:
+    # At every step each extreme Ritz value is within its residual norm of an eigenvalue, and it reaches the extreme one.
+    for theta_max, bound_max, theta_min, bound_min in result.history:
         assert np.min(np.abs(spectrum - theta_max)) <= bound_max * (1 + 1e-9) + 1e-13
         assert np.min(np.abs(spectrum - theta_min)) <= bound_min * (1 + 1e-9) + 1e-13
     assert result.top[0] == pytest.approx(25.0, rel=1e-10) and result.low == pytest.approx(-6.0, rel=1e-10)
+
+
+def rotated(spectrum: np.ndarray, seed: int) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((spectrum.size, spectrum.size)))
+    return (q * spectrum) @ q.T
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-6])
+def test_every_reported_eigenvalue_is_within_tol_of_the_spectrum_for_clustered_ends(tol):
+    from scipy.sparse.linalg import aslinearoperator
+
+    from lightning_landscape.hessian import _lanczos_extremes
+
+    # Five top eigenvalues within 3 % of each other over a bulk, a close pair at the bottom: a Ritz value
+    # can sit between cluster members for many steps, so only its residual tells how far it is from one.
+    rng = np.random.default_rng(0)
+    spectrum = np.concatenate([10 + rng.uniform(-0.3, 0.3, 5), rng.normal(0, 1, 193), [-4.0, -4.01]])
+    op = aslinearoperator(rotated(spectrum, 1))
+    for seed in range(25):
+        for top_k, lambda_min in ((1, False), (3, True)):  # λmax alone stops earliest: the hardest case
+            result = _lanczos_extremes(op, top_k, lambda_min, tol, np.random.default_rng(seed))
+            assert result.converged
+            for value in [*result.top, *([result.low] if lambda_min else [])]:
+                assert np.min(np.abs(spectrum - value)) <= tol * abs(value), (seed, top_k, value)
+
+
+def test_small_eigenvalues_keep_their_accuracy_beside_a_huge_one():
+    from scipy.sparse.linalg import aslinearoperator
+
+    from lightning_landscape.hessian import _lanczos_extremes
+
+    # Eigenvalues from 1e-8 to 1e8 in magnitude: a coupling that is "zero" relative to the largest one is
+    # not zero for the small ones, so the Krylov space must not be declared invariant too early.
+    rng = np.random.default_rng(1002)
+    spectrum = np.sign(rng.standard_normal(30)) * 10 ** rng.uniform(-8, 8, 30)
+    exact = np.sort(spectrum)[::-1]
+    result = _lanczos_extremes(aslinearoperator(rotated(spectrum, 7)), 3, False, 1e-3, np.random.default_rng(2))
+    np.testing.assert_allclose(result.top, exact[:3], rtol=1e-3)
+
+
+def test_a_budget_smaller_than_top_k_pads_with_nan():
+    model, data, batch_loss = diagonal_quadratic(torch.tensor([-1.0, 0.5, 2.0, 3.0, 5.0, 10.0], dtype=torch.float64))
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        report = hessian_check(model, data, batch_loss=batch_loss, top_k=4, maxiter=2)
+    assert report.eigenvalues.shape == (4,) and np.all(np.isnan(report.eigenvalues[2:]))
+    assert np.isnan(report.lambda_min)  # two Ritz values are both top-k ones: no separate λmin yet
+    assert not report.metadata["converged"] and report.num_hvp == 2
 
 
 def test_repeated_eigenvalues_are_found_after_an_invariant_krylov_space():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import numpy as np
 import pytest
 import torch
@@ -192,6 +193,40 @@ def test_final_as_the_parameter_list_equals_the_flat_vector(tmp_path):
         trajectory_pca(store, [params[0], params[2], params[3], torch.zeros(3)])
     with pytest.raises(ValueError, match="`final` is a list; expected a floating tensor of 20 elements"):
         trajectory_pca(store, [])
+    store.close()
+
+
+def test_final_list_keeps_float64_parameters_exact_in_blocks_that_span_two(tmp_path):
+    # Large weights, small steps: rounding the float64 parameter to float32 inside a block that also
+    # holds the float32 one would change the differences θ_i − θ_n, and so the result with chunk_size.
+    params = [torch.full((4,), 1e3), 1e3 + torch.arange(5, dtype=torch.float64) * 1e-4]
+    final64 = torch.cat([p.double() for p in params])
+    snaps = final64 + 1e-3 * torch.randn(6, 9, dtype=torch.float64).cumsum(0).flip(0)
+    store = fill(SnapshotStore(9, storage="memory"), snaps.float())
+    reference = trajectory_pca(store, final64, chunk_size=2)
+    for chunk_size in (2, 3, 9):  # 3 and 9: a block holds the end of one parameter and the start of the next
+        result = trajectory_pca(store, params, chunk_size=chunk_size)
+        np.testing.assert_allclose(result.singular_values, reference.singular_values, rtol=1e-9)
+        np.testing.assert_allclose(result.path, reference.path, rtol=1e-7, atol=1e-12)
+    assert trajectory_pca(store, (p for p in params)).path.shape == reference.path.shape  # any iterable of tensors
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc (Linux)")
+def test_reading_a_store_of_many_files_keeps_few_open(tmp_path, monkeypatch):
+    import lightning_landscape.trajectory as trajectory_module
+
+    monkeypatch.setattr(trajectory_module, "_MAX_OPEN_FILES", 2)
+    snaps, final = random_trajectory(k=7, p=11, seed=3)
+    store = fill(SnapshotStore(11, storage="disk", snapshot_dir=tmp_path, block_rows=1), snaps)  # 7 files
+
+    def open_snapshot_files() -> int:
+        links = [os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")]
+        return sum(link.startswith(str(tmp_path.resolve())) for link in links)
+
+    seen = [open_snapshot_files() for _ in store.iter_column_blocks(4)]
+    assert max(seen) <= 2
+    expected = trajectory_pca(fill(SnapshotStore(11, storage="memory"), snaps), final, chunk_size=4)
+    np.testing.assert_allclose(trajectory_pca(store, final, chunk_size=4).path, expected.path, rtol=1e-9, atol=1e-12)
     store.close()
 
 
