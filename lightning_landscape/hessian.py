@@ -419,8 +419,10 @@ def _lanczos_extremes(
     be known, and with clustered eigenvalues such a rule returned values off by many ``tol``.
 
     An invariant Krylov space (β_j <= tol·ε^{2/3}·max|θ|: the start vector lies in the span of
-    m < P eigenvectors, e.g. a zero Hessian) is exact to that accuracy, and the dropped β is
-    added to every later residual bound; Lanczos then goes on from a fresh random
+    m < P eigenvectors, e.g. a zero Hessian; with ``top_k`` > 1 also once every Ritz value has
+    converged, e.g. a linear layer under MSE, whose eigenvalues all repeat once per output) is
+    exact to the accuracy asked, and the dropped β is added to every later residual bound;
+    Lanczos then goes on from a fresh random
     vector orthogonal to the basis while fewer Ritz values than needed exist and, when
     ``top_k`` > 1, while the last such piece found an eigenvalue that enters the top k: one
     Krylov space holds one copy of each eigenvalue, further copies live in the rest.
@@ -469,6 +471,12 @@ def _lanczos_extremes(
         low_ok = not lambda_min or (j >= need and bool(ok[0]))
         history.append((float(theta[-1]), float(residuals[-1]), float(theta[0]), float(residuals[0])))
         done = top_ok and low_ok
+        if done and piece:  # a probe for repeated eigenvalues: let it converge before judging it
+            done = bool(ok[_piece_ritz_indices(theta, alphas, betas, piece, j)].all())
+        # Every Ritz value converged: the Krylov space is invariant at the accuracy asked (a float32
+        # Hessian leaves β ~ 1e-7·max|θ| where exact arithmetic gives 0), so it holds one copy of each
+        # eigenvalue it touches; with top_k > 1 further copies must be looked for outside it.
+        invariant = invariant or (top_k > 1 and bool(ok.all()))
         if done and invariant and top_k > 1:
             # Did this piece find an eigenvalue of the top k? Then the rest may hold more copies of it.
             earlier = np.sort(eigh_tridiagonal(alphas[:piece], betas[: piece - 1], eigvals_only=True)) if piece else np.empty(0)
@@ -520,6 +528,12 @@ def _lanczos_extremes(
             stacklevel=3,
         )
     return _LanczosResult(top=top, low=low, converged=converged, hvp=hvp, steps=j, solver=solver, history=history)
+
+
+def _piece_ritz_indices(theta: np.ndarray, alphas: np.ndarray, betas: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Indices in ``theta`` (all Ritz values, ascending) of those of the block ``start:stop`` of T."""
+    own = eigh_tridiagonal(alphas[start:stop], betas[start : stop - 1], eigvals_only=True)
+    return np.unique(np.abs(theta[:, None] - own[None, :]).argmin(axis=0))  # nearest; copies are alike
 
 
 def _piece_max(alphas: np.ndarray, betas: np.ndarray, start: int, stop: int) -> float:

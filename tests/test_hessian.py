@@ -317,6 +317,20 @@ def test_a_budget_smaller_than_top_k_pads_with_nan():
     assert not report.metadata["converged"] and report.num_hvp == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_linear_layer_under_mse_has_each_eigenvalue_once_per_output(dtype):
+    # H = I_3 ⊗ (2/(3n))·XᵀX: every eigenvalue three times. One Krylov space holds one copy of each; the
+    # float32 operator never gives β = 0, so the space counts as invariant once all its Ritz values converged.
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3, bias=False).to(dtype)
+    x, y = torch.randn(40, 5, dtype=dtype), torch.randn(40, 3, dtype=dtype)
+    gram = np.linalg.eigvalsh(2 / (3 * 40) * (x.double().T @ x.double()).numpy())
+    report = hessian_check(model, [(x, y)], F.mse_loss, top_k=4)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-10
+    np.testing.assert_allclose(report.eigenvalues, [gram[-1]] * 3 + [gram[-2]], rtol=rtol)
+    assert report.lambda_min == pytest.approx(gram[0], rel=rtol) and report.metadata["converged"]
+
+
 def test_repeated_eigenvalues_are_found_after_an_invariant_krylov_space():
     curvatures = torch.tensor([-1.0, 0.5, 2.0, 2.0, 5.0, 10.0], dtype=torch.float64)
     model, data, batch_loss = diagonal_quadratic(curvatures)
