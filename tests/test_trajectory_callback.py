@@ -78,7 +78,32 @@ def test_every_n_epochs_snapshots_at_fit_start_and_epoch_ends(tmp_path):
     cb = TrajectoryPCA(every_n_epochs=1, resolution=3, storage="memory", progress=False)
     small_fit(tmp_path, [cb], max_epochs=3)
     assert cb.pca.steps == [0, 6, 12, 18]  # 6 steps per epoch; the final weights are the last snapshot
-    assert cb.pca.epochs[0] == 0
+    assert cb.pca.epochs == [0, 1, 2, 3]  # epochs completed: every point is an epoch boundary
+
+
+def test_epoch_labels_put_the_path_markers_on_epoch_boundaries(tmp_path):
+    cb = TrajectoryPCA(every_n_steps=2, resolution=3, storage="memory", progress=False)
+    small_fit(tmp_path, [cb], max_epochs=2)
+    assert cb.pca.steps == [0, 2, 4, 6, 8, 10, 12]
+    # The snapshot after an epoch's last batch (step 6) already counts that epoch as done.
+    assert cb.pca.epochs == [0, 0, 0, 1, 1, 1, 2]
+
+
+def test_two_trajectories_in_one_trainer_keep_separate_state(tmp_path):
+    steps = TrajectoryPCA(every_n_steps=3, resolution=3, storage="memory", progress=False, name="steps")
+    epochs = TrajectoryPCA(every_n_epochs=1, resolution=3, storage="memory", progress=False, name="epochs")
+    assert steps.state_key != epochs.state_key
+    small_fit(tmp_path, [steps, epochs], max_epochs=2)
+    assert steps.pca.steps == [0, 3, 6, 9, 12] and epochs.pca.steps == [0, 6, 12]
+
+
+def test_callback_added_when_resuming_starts_at_the_restored_step(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    small_fit(tmp_path, [ckpt], max_epochs=1, enable_checkpointing=True)
+    path = next((tmp_path / "ckpt").glob("*.ckpt"))
+    cb = TrajectoryPCA(every_n_steps=2, resolution=3, storage="memory", progress=False)
+    small_fit(tmp_path, [cb], max_epochs=2, ckpt_path=str(path))
+    assert cb.pca.steps == [6, 8, 10, 12] and cb.pca.epochs == [1, 1, 1, 2]
 
 
 @pytest.mark.parametrize("storage", ["disk", "auto"])  # auto: in memory until the first checkpoint moves it to disk
@@ -107,7 +132,7 @@ def test_state_dict_is_plain_and_resume_continues_the_same_trajectory(tmp_path, 
 
 def test_too_few_snapshots_warns_without_figure(tmp_path):
     cb = TrajectoryPCA(every_n_epochs=5, dirpath=str(tmp_path / "out"), progress=False)
-    with pytest.warns(UserWarning, match="TrajectoryPCA: .*snapshots"):
+    with pytest.warns(UserWarning, match=r"TrajectoryPCA: 1 snapshot\(s\) were taken and the PCA needs at least 3.*now 5"):
         small_fit(tmp_path, [cb], max_epochs=1)
     assert cb.pca is None and not (tmp_path / "out").exists()
 
@@ -123,6 +148,8 @@ def test_too_few_snapshots_warns_without_figure(tmp_path):
         ({"every_n_steps": 1, "snapshot_dtype": "int8"}, r"`snapshot_dtype`='int8'.*'float32'"),
         ({"every_n_steps": 1, "margin": -0.1}, r"`margin`=-0.1"),
         ({"every_n_steps": 1, "resolution": 0}, r"`resolution`=0"),
+        ({"every_n_steps": 1, "max_memory_mb": float("inf")}, r"`max_memory_mb`=inf.*finite.*storage='memory'"),
+        ({"every_n_steps": 1, "max_memory_mb": float("nan")}, r"`max_memory_mb`=nan"),
     ],
 )
 def test_bad_arguments(kwargs, match):

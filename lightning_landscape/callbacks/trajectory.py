@@ -66,7 +66,8 @@ class TrajectoryPCA(Callback):
     Logged (rank zero): figures ``trajectory/contour_path`` and ``trajectory/path``,
     scalars ``trajectory/explained_variance_pc1`` and ``_pc2``, and a ``.npz`` with
     ``explained_variance_ratio``, ``path`` (K x 2, last row the origin), ``steps``,
-    ``epochs``, ``singular_values``, the grid (``coords_0``, ``coords_1``) and the loss.
+    ``epochs`` (epochs completed when each snapshot was taken, so the path's epoch markers sit
+    on epoch boundaries), ``singular_values``, the grid (``coords_0``, ``coords_1``) and the loss.
 
     Args:
         every_n_steps: snapshot every n optimizer steps (exclusive with ``every_n_epochs``).
@@ -135,8 +136,11 @@ class TrajectoryPCA(Callback):
             raise MisconfigurationException(f"`margin`={margin!r} is not valid; expected a finite number >= 0.")
         self.margin = float(margin)
         self.storage = misconfigured(v.check_choice, "storage", storage, STORAGES)
-        if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or max_memory_mb < 0:
-            raise MisconfigurationException(f"`max_memory_mb`={max_memory_mb!r} is not valid; expected a number >= 0 (MiB).")
+        if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or not np.isfinite(max_memory_mb) or max_memory_mb < 0:
+            raise MisconfigurationException(
+                f"`max_memory_mb`={max_memory_mb!r} is not valid; expected a finite number >= 0 (MiB); "
+                "use storage='memory' for no limit."
+            )
         self.max_memory_mb = float(max_memory_mb)
         if snapshot_dir is not None and self.storage != "memory":
             misconfigured(check_writable_dir, Path(snapshot_dir))
@@ -194,19 +198,27 @@ class TrajectoryPCA(Callback):
         self._views = views if same_dtype else []
         self._buffer = torch.empty(sum(p.numel() for p in params.values()), dtype=torch.float32, device=views[0].device) if self._views else None
         self.store = self._open_store(sum(p.numel() for p in params.values()))
-        # A trajectory continued from a checkpoint already holds its start; the uninterrupted run
-        # took no snapshot at the step where the checkpoint was cut, so neither does the resumed one.
-        if len(self.store) == 0:
-            self._snapshot(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The start of the trajectory. Taken here, not at fit start: on a resumed run Lightning
+        # restores the step and epoch counters only now. A trajectory continued from a checkpoint
+        # already holds its start; the uninterrupted run took no snapshot at the step where the
+        # checkpoint was cut, so neither does the resumed one.
+        if self.enabled and self.store is not None and len(self.store) == 0:
+            self._snapshot(trainer, pl_module, epochs_done=trainer.current_epoch)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.enabled and self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             if not self.store.steps or self.store.steps[-1] != trainer.global_step:  # type: ignore[union-attr]
-                self._snapshot(trainer, pl_module)  # (gradient accumulation: one snapshot per optimizer step)
+                # (gradient accumulation: one snapshot per optimizer step). After an epoch's last
+                # batch that epoch counts as done, so epoch markers fall on epoch boundaries.
+                progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
+                last = bool(getattr(progress, "is_last_batch", False))
+                self._snapshot(trainer, pl_module, epochs_done=trainer.current_epoch + int(last))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._snapshot(trainer, pl_module)
+            self._snapshot(trainer, pl_module, epochs_done=trainer.current_epoch + 1)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or self.store is None:
@@ -216,7 +228,9 @@ class TrajectoryPCA(Callback):
             self.run(trainer, pl_module)
         except TooFewSnapshotsError as err:
             rank_zero_warn(
-                f"TrajectoryPCA: {err} Lower `every_n_steps`/`every_n_epochs` or train longer; no trajectory figure was made."
+                f"TrajectoryPCA: {err.count} snapshot(s) were taken and the PCA needs at least {err.minimum}; "
+                f"no trajectory figure was made. Lower `every_n_steps`/`every_n_epochs` "
+                f"(now {self.every_n_steps if self.every_n_steps else self.every_n_epochs}) or train longer."
             )
 
     # --- work -----------------------------------------------------------------------------------
@@ -239,13 +253,18 @@ class TrajectoryPCA(Callback):
             snapshot_dir=self.snapshot_dir,
         )
 
-    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, epochs_done: int) -> None:
         with torch.no_grad():
             if self._buffer is not None:
                 vec = torch.cat(self._views, out=self._buffer)
             else:
                 vec = flatten_parameters(dict(pl_module.named_parameters()), self._names, device=None)
-        self.store.append(vec, step=trainer.global_step, epoch=trainer.current_epoch)  # type: ignore[union-attr]
+        self.store.append(vec, step=trainer.global_step, epoch=epochs_done)  # type: ignore[union-attr]
+
+    @property
+    def state_key(self) -> str:
+        # Several TrajectoryPCA callbacks in one Trainer (e.g. every step and every epoch) each keep their state.
+        return self._generate_state_key(name=self.name, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs)
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Landscape:
         """PCA of the snapshots, the surface on that plane (all ranks), then files and logs (rank zero)."""
