@@ -127,6 +127,8 @@ class HessianOperator(LinearOperator):
             raise ValueError(f"`batch_loss`={batch_loss!r} is not callable; expected batch_loss(model, batch) -> (loss, n, outputs, targets).")
         self.model = model
         self.params = list(trainable_parameters(model).values())
+        #: Machine epsilon of the products' dtype: no eigenvalue is resolved more finely than ~10·eps·‖H‖.
+        self.eps = max((float(torch.finfo(p.dtype).eps) for p in self.params), default=float(np.finfo(np.float64).eps))
         self.device = model_device(model)
         with torch.inference_mode(False):
             self.batches = [_clone_inference_tensors(b) for b in cache_batches(data, self.device, num_batches)]
@@ -362,9 +364,9 @@ def _eigsh_end(op: LinearOperator, k: int, which: str, tol: float, v0: np.ndarra
     return np.sort(np.asarray(values, dtype=np.float64))[::-1]
 
 
-# A Ritz value below this fraction of the spectrum's scale counts as zero in the relative stopping
-# test (ARPACK's eps^(2/3) floor, here relative to max|θ| so that it does not depend on the loss's scale).
-_ZERO_FLOOR = float(np.finfo(np.float64).eps) ** (2 / 3)
+# The stopping test never asks a residual below this many machine epsilons (of the operator's
+# dtype) times max|θ|: the products themselves are not more accurate.
+_NOISE = 10.0
 MAX_BASIS = 200
 # The default basis keeps at most this many bytes (but at least 20 vectors, ARPACK's default
 # basis size): 200 vectors of a 1,000-weight model, 20 of an 11M-weight ResNet-18.
@@ -412,13 +414,15 @@ def _lanczos_extremes(
     every step the Ritz values of the tridiagonal T_j are checked: the residual norm of Ritz
     pair i is ρ_i = β_j·|s_i[last]| (no extra product), and some eigenvalue lies within ρ_i of
     θ_i (Parlett, *The Symmetric Eigenvalue Problem*, Thm. 4.5.1), so θ_i has converged when
-    ρ_i <= tol·max(|θ_i|, ε^{2/3}·max|θ|), ARPACK's rule. The run stops once the ``top_k``
+    ρ_i <= tol·|θ_i| (ARPACK's rule), or, for Ritz values below tol·λmax, ρ_i <= tol²·λmax, and
+    never below 10·eps·max|θ| with eps that of the operator's dtype (its ``eps`` attribute,
+    float64 by default). The run stops once the ``top_k``
     largest and, with ``lambda_min``, the smallest Ritz value (a different one) have all
     converged. The eigenvalue error is then usually far below ``tol`` (about ρ²/gap); a bound
     on ρ²/gap would stop earlier, but the gap to eigenvalues Lanczos has not resolved yet cannot
     be known, and with clustered eigenvalues such a rule returned values off by many ``tol``.
 
-    An invariant Krylov space (β_j <= tol·ε^{2/3}·max|θ|: the start vector lies in the span of
+    An invariant Krylov space (β_j below a tenth of that floor: the start vector lies in the span of
     m < P eigenvectors, e.g. a zero Hessian; with ``top_k`` > 1 also once every Ritz value has
     converged, e.g. a linear layer under MSE, whose eigenvalues all repeat once per output) is
     exact to the accuracy asked, and the dropped β is added to every later residual bound;
@@ -435,6 +439,7 @@ def _lanczos_extremes(
     best estimates are returned (NaN for eigenvalues not reached) with ``converged=False``.
     """
     n = op.shape[0]
+    eps = float(getattr(op, "eps", np.finfo(np.float64).eps))
     budget = 10 * n if maxiter is None else int(maxiter)
     max_basis = default_max_basis(n) if max_basis is None else int(max_basis)
     cap = min(n, max(max_basis, 2 * top_k + 1))
@@ -462,11 +467,15 @@ def _lanczos_extremes(
         j += 1
         theta, s = eigh_tridiagonal(alphas[:j], betas[: j - 1])
         scale = float(max(abs(theta[0]), abs(theta[-1])))
-        # Invariant (β ≈ 0): dropping β then moves no Ritz value by more than the accuracy the
-        # stopping test asks of the smallest ones, tol·ε^{2/3}·max|θ|.
-        invariant = j == n or beta <= tol * _ZERO_FLOOR * scale
+        # Relative accuracy tol, except for Ritz values smaller than tol·λmax: those are resolved to
+        # tol²·λmax, so |λmin/λmax| is right to tol² and a cluster of eigenvalues at 0 (a convex
+        # model's null space) does not stall the run; never finer than the products' own noise.
+        top_scale = float(theta[-1]) if theta[-1] > 0 else scale
+        floor = max(tol * tol * top_scale, _NOISE * eps * scale)
+        # Invariant (β ≈ 0): dropping β then moves no Ritz value by more than a tenth of that floor.
+        invariant = j == n or beta <= 0.1 * floor
         residuals = beta * np.abs(s[-1]) + dropped
-        ok = residuals <= tol * np.maximum(np.abs(theta), _ZERO_FLOOR * scale)
+        ok = residuals <= np.maximum(tol * np.abs(theta), floor)
         top_ok = j >= need and bool(ok[-top_k:].all())
         low_ok = not lambda_min or (j >= need and bool(ok[0]))
         history.append((float(theta[-1]), float(residuals[-1]), float(theta[0]), float(residuals[0])))
@@ -721,7 +730,10 @@ def hessian_check(
         forward_fn: ``forward_fn(model, batch) -> (outputs, targets)`` for ``loss_fn``.
         tol: relative accuracy of the eigenvalues. Lanczos stops an end of the spectrum once
             the residual norm ρ of its Ritz values is <= tol·|λ|, which puts an eigenvalue within
-            tol·|λ|; the actual error is usually far smaller (about ρ²/gap).
+            tol·|λ|; the actual error is usually far smaller (about ρ²/gap). Eigenvalues smaller
+            than tol·λmax (e.g. λmin of a nearly convex model) are resolved to tol²·λmax, which
+            keeps |λmin/λmax| right to tol²; none finer than the float32 (or float64) noise of
+            the products.
         seed: seeds the Lanczos start vector and the random probes (numpy, not the global RNGs).
         num_batches: use at most this many batches of ``data``.
         batch_loss: ``batch_loss(model, batch) -> (mean_loss, n, outputs, targets)``,
