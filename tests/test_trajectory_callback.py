@@ -162,6 +162,9 @@ def test_unwritable_snapshot_dir(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(MisconfigurationException, match="`snapshot_dir`=.*cannot be written"):
         TrajectoryPCA(every_n_steps=1, storage="disk", snapshot_dir=str(blocker / "snaps"))
+    for storage in ("auto", "memory"):
+        with pytest.raises(MisconfigurationException, match="`snapshot_dir`=.*cannot be written"):
+            TrajectoryPCA(every_n_steps=1, storage=storage, snapshot_dir=str(blocker / "snaps"))
 
 
 def test_training_unchanged_by_snapshots(tmp_path):

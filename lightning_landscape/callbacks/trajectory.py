@@ -142,7 +142,7 @@ class TrajectoryPCA(Callback):
                 "use storage='memory' for no limit."
             )
         self.max_memory_mb = float(max_memory_mb)
-        if snapshot_dir is not None and self.storage != "memory":
+        if snapshot_dir is not None:  # checked in every storage mode: a path given is a path meant
             misconfigured(check_writable_dir, Path(snapshot_dir))
         self.snapshot_dir = snapshot_dir
         self.snapshot_dtype = misconfigured(v.check_choice, "snapshot_dtype", snapshot_dtype, DTYPES)
