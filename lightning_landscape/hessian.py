@@ -480,17 +480,20 @@ def _lanczos_extremes(
         low_ok = not lambda_min or (j >= need and bool(ok[0]))
         history.append((float(theta[-1]), float(residuals[-1]), float(theta[0]), float(residuals[0])))
         done = top_ok and low_ok
+        own = None  # the Ritz values of the current piece alone, computed only when needed
         if done and piece:  # a probe for repeated eigenvalues: let it converge before judging it
-            done = bool(ok[_piece_ritz_indices(theta, alphas, betas, piece, j)].all())
+            own = _block_eigenvalues(alphas, betas, piece, j)
+            done = bool(ok[np.abs(theta[:, None] - own).argmin(axis=0)].all())  # nearest; copies are alike
         # Every Ritz value converged: the Krylov space is invariant at the accuracy asked (a float32
         # Hessian leaves β ~ 1e-7·max|θ| where exact arithmetic gives 0), so it holds one copy of each
         # eigenvalue it touches; with top_k > 1 further copies must be looked for outside it.
         invariant = invariant or (top_k > 1 and bool(ok.all()))
         if done and invariant and top_k > 1:
             # Did this piece find an eigenvalue of the top k? Then the rest may hold more copies of it.
-            earlier = np.sort(eigh_tridiagonal(alphas[:piece], betas[: piece - 1], eigvals_only=True)) if piece else np.empty(0)
+            own = _block_eigenvalues(alphas, betas, piece, j) if own is None else own
+            earlier = _block_eigenvalues(alphas, betas, 0, piece)  # earlier pieces: exact, T is block diagonal
             kth = earlier[-top_k] if earlier.size >= top_k else -np.inf
-            done = _piece_max(alphas, betas, piece, j) <= kth + tol * scale
+            done = own[-1] <= kth + tol * scale
         if done or j == n or j == cap or hvp >= budget:
             break
         if invariant:
@@ -539,15 +542,11 @@ def _lanczos_extremes(
     return _LanczosResult(top=top, low=low, converged=converged, hvp=hvp, steps=j, solver=solver, history=history)
 
 
-def _piece_ritz_indices(theta: np.ndarray, alphas: np.ndarray, betas: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Indices in ``theta`` (all Ritz values, ascending) of those of the block ``start:stop`` of T."""
-    own = eigh_tridiagonal(alphas[start:stop], betas[start : stop - 1], eigvals_only=True)
-    return np.unique(np.abs(theta[:, None] - own[None, :]).argmin(axis=0))  # nearest; copies are alike
-
-
-def _piece_max(alphas: np.ndarray, betas: np.ndarray, start: int, stop: int) -> float:
-    """The largest eigenvalue of the diagonal block ``start:stop`` of the tridiagonal T."""
-    return float(eigh_tridiagonal(alphas[start:stop], betas[start : stop - 1], eigvals_only=True)[-1])
+def _block_eigenvalues(alphas: np.ndarray, betas: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """The eigenvalues, ascending, of the diagonal block ``start:stop`` of the tridiagonal T (empty if none)."""
+    if stop <= start:
+        return np.empty(0)
+    return eigh_tridiagonal(alphas[start:stop], betas[start : stop - 1], eigvals_only=True)
 
 
 def _lanczos(op: LinearOperator, v0: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:

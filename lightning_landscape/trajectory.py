@@ -250,6 +250,20 @@ def check_writable_dir(path: Path) -> None:
         raise ValueError(f"`snapshot_dir`={str(path)!r} cannot be written ({err}); expected a writable directory.") from err
 
 
+def check_max_memory_mb(value: Any) -> float:
+    """``max_memory_mb`` as a float; ``ValueError`` naming it unless it is a finite number >= 0.
+
+    Example:
+        >>> check_max_memory_mb(256)
+        256.0
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"`max_memory_mb`={value!r} is not valid; expected a finite number >= 0 (MiB); use storage='memory' for no limit."
+        )
+    return float(value)
+
+
 def _normalize_dtype(dtype: Any) -> str:
     if isinstance(dtype, torch.dtype):
         for name, td in _TORCH_DTYPES.items():
@@ -318,20 +332,14 @@ class SnapshotStore:
         num_params = check_positive_int("num_params", num_params)
         dtype_name = _normalize_dtype(dtype)
         check_choice("storage", storage, STORAGES)
-        if (
-            isinstance(max_memory_mb, bool)
-            or not isinstance(max_memory_mb, (int, float, np.number))
-            or not math.isfinite(max_memory_mb)
-            or max_memory_mb < 0
-        ):
-            raise ValueError(f"`max_memory_mb`={max_memory_mb!r} is not valid; expected a finite number >= 0 (MiB).")
+        max_memory_mb = check_max_memory_mb(max_memory_mb)
         block_rows = check_positive_int("block_rows", block_rows, allow_none=True)
         if prefix is not None and (not isinstance(prefix, str) or not prefix or os.sep in prefix or "/" in prefix):
             raise ValueError(f"`prefix`={prefix!r} is not valid; expected a non-empty file-name prefix without path separators.")
         directory = None if snapshot_dir is None else Path(snapshot_dir)
         if directory is not None and storage != "memory":
             check_writable_dir(directory)
-        self._setup(num_params, dtype_name, storage, float(max_memory_mb), directory, block_rows, prefix)
+        self._setup(num_params, dtype_name, storage, max_memory_mb, directory, block_rows, prefix)
         if storage == "disk":
             self._ensure_dir()
 
@@ -624,11 +632,20 @@ class SnapshotStore:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -self._count <= i < self._count:
             raise IndexError(f"`i`={i!r} is out of range for a store of {self._count} snapshots.")
         self._flush_pending()
-        index, row = self._locate(int(i) % self._count)
+        i = int(i) % self._count
         out = torch.empty((1, self._num_params), dtype=torch.float32)
         with _BlockReader(self) as reader:
-            reader.copy(index, row, row + 1, 0, self._num_params, out)
+            self._read_rows(reader, i, i + 1, 0, self._num_params, out)
         return out[0]
+
+    def _read_rows(self, reader: _BlockReader, start: int, stop: int, a: int, b: int, out: torch.Tensor) -> None:
+        """``out[:] = X[start:stop, a:b]``, the snapshots' columns ``a:b``, across the blocks that hold them."""
+        first = 0
+        for index, block in enumerate(self._blocks):
+            lo, hi = max(start, first), min(stop, first + block.rows)
+            if lo < hi:
+                reader.copy(index, lo - first, hi - first, a, b, out[lo - start : hi - start])
+            first += block.rows
 
     def iter_chunks(self, rows: int | None = None, *, stop: int | None = None) -> Iterator[torch.Tensor]:
         """Stream the snapshots in order as float32 tensors of shape ``(<= rows, P)``.
@@ -651,15 +668,11 @@ class SnapshotStore:
         rows = check_positive_int("rows", rows, allow_none=True) or max(1, _CHUNK_BYTES // (4 * self._num_params))
         stop = self._checked_stop(stop)
         self._flush_pending()
-        offsets = np.cumsum([0] + [b.rows for b in self._blocks])
         with _BlockReader(self) as reader:
             for start in range(0, stop, rows):
                 end = min(stop, start + rows)
                 out = torch.empty((end - start, self._num_params), dtype=torch.float32)
-                for index, (block, first) in enumerate(zip(self._blocks, offsets)):
-                    lo, hi = max(start, int(first)), min(end, int(first) + block.rows)
-                    if lo < hi:
-                        reader.copy(index, lo - int(first), hi - int(first), 0, self._num_params, out[lo - start : hi - start])
+                self._read_rows(reader, start, end, 0, self._num_params, out)
                 yield out
 
     def iter_column_blocks(
@@ -698,7 +711,6 @@ class SnapshotStore:
         if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start <= stop:
             raise ValueError(f"`start`={start!r} is not valid; expected an integer in [0, {stop}].")
         self._flush_pending()
-        offsets = np.cumsum([0] + [b.rows for b in self._blocks])
         size = (stop - start) * min(cols, self._num_params)
         if out is None:
             buffer = torch.empty(size, dtype=dtype)
@@ -711,10 +723,7 @@ class SnapshotStore:
             for a in range(0, self._num_params, cols):
                 b = min(self._num_params, a + cols)
                 out = buffer[: (stop - start) * (b - a)].view(stop - start, b - a)
-                for index, (block, first) in enumerate(zip(self._blocks, offsets)):
-                    lo, hi = max(start, int(first)), min(stop, int(first) + block.rows)
-                    if lo < hi:
-                        reader.copy(index, lo - int(first), hi - int(first), a, b, out[lo - start : hi - start])
+                self._read_rows(reader, start, stop, a, b, out)
                 yield a, b, out
 
     def _checked_stop(self, stop: int | None) -> int:

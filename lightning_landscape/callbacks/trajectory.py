@@ -36,6 +36,7 @@ from lightning_landscape.trajectory import (
     PCAResult,
     SnapshotStore,
     TooFewSnapshotsError,
+    check_max_memory_mb,
     check_writable_dir,
     flatten_parameters,
     path_range,
@@ -136,12 +137,7 @@ class TrajectoryPCA(Callback):
             raise MisconfigurationException(f"`margin`={margin!r} is not valid; expected a finite number >= 0.")
         self.margin = float(margin)
         self.storage = misconfigured(v.check_choice, "storage", storage, STORAGES)
-        if isinstance(max_memory_mb, bool) or not isinstance(max_memory_mb, (int, float)) or not np.isfinite(max_memory_mb) or max_memory_mb < 0:
-            raise MisconfigurationException(
-                f"`max_memory_mb`={max_memory_mb!r} is not valid; expected a finite number >= 0 (MiB); "
-                "use storage='memory' for no limit."
-            )
-        self.max_memory_mb = float(max_memory_mb)
+        self.max_memory_mb = misconfigured(check_max_memory_mb, max_memory_mb)
         if snapshot_dir is not None:  # checked in every storage mode: a path given is a path meant
             misconfigured(check_writable_dir, Path(snapshot_dir))
         self.snapshot_dir = snapshot_dir
