@@ -7,7 +7,7 @@ user can fix the call without reading the source.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,3 +59,35 @@ def short_list(items: Sequence[Any], limit: int = 5) -> str:
     if len(items) <= limit:
         return repr(items)
     return repr(items[:limit])[:-1] + f", ... ({len(items) - limit} more)]"
+
+
+def as_direction_list(directions: Any) -> list[Mapping[str, Any]]:
+    """One direction (a dict) or a list of 1 or 2, as a list.
+
+    Example:
+        >>> len(as_direction_list({"w": None}))
+        1
+    """
+    if isinstance(directions, Mapping):
+        return [directions]
+    if isinstance(directions, Sequence) and not isinstance(directions, str):
+        directions = list(directions)
+        if not 1 <= len(directions) <= 2:
+            raise ValueError(f"`directions` holds {len(directions)} directions; expected 1 or 2.")
+        return directions
+    raise ValueError(f"`directions` is a {type(directions).__name__}; expected one direction (a dict) or a list of 1 or 2.")
+
+
+def as_grid_coords(coords: Any, dims: int) -> list[np.ndarray]:
+    """Grid coordinates as one checked 1-D float64 array per axis (``dims`` axes).
+
+    Example:
+        >>> [c.tolist() for c in as_grid_coords([[0, 1]], 1)]
+        [[0.0, 1.0]]
+    """
+    if isinstance(coords, np.ndarray) and coords.ndim == 1 and dims == 1:
+        coords = [coords]
+    if not isinstance(coords, (Sequence, np.ndarray)) or isinstance(coords, str) or len(coords) != dims:
+        got = len(coords) if isinstance(coords, (Sequence, np.ndarray)) else type(coords).__name__
+        raise ValueError(f"`coords` holds {got} axes; expected one 1-D array per direction ({dims}).")
+    return [as_coordinate_array(f"coords[{i}]", c) for i, c in enumerate(coords)]

@@ -16,33 +16,13 @@ import torch
 from torch import nn
 
 from lightning_landscape._validation import check_choice, short_list
+from lightning_landscape.params import trainable_parameters
 
 Direction = dict[str, torch.Tensor]
 Norm = Literal["filter", "layer", "model", "none"]
 Ignore = Literal["biasbn", "none"]
 NORMS: tuple[str, ...] = ("filter", "layer", "model", "none")
 IGNORES: tuple[str, ...] = ("biasbn", "none")
-
-
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters with ``requires_grad=True``, keyed by name, in model order.
-
-    Raises:
-        ValueError: if the model has none.
-
-    Example:
-        >>> model = nn.Linear(3, 2)
-        >>> _ = model.bias.requires_grad_(False)
-        >>> list(trainable_parameters(model))
-        ['weight']
-    """
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError(
-            f"`model` ({type(model).__name__}) has no trainable parameters; "
-            "expected at least one parameter with requires_grad=True."
-        )
-    return params
 
 
 def random_direction(

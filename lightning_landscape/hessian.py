@@ -47,11 +47,14 @@ from tqdm.auto import tqdm
 
 from lightning_landscape import _versions
 from lightning_landscape._validation import check_choice, check_positive_float, check_positive_int
-from lightning_landscape.batches import ForwardFn, cache_batches, model_device
-from lightning_landscape.directions import Direction, check_direction, trainable_parameters
+from lightning_landscape.data import ForwardFn, cache_batches, model_device
+from lightning_landscape.directions import Direction, check_direction
+from lightning_landscape.params import trainable_parameters
 from lightning_landscape.results import Landscape
 from lightning_landscape.state import preserved_state
-from lightning_landscape.surface import BatchLoss, LossFn, Reduce, _as_coords, _as_direction_list, make_batch_loss, set_plane_point
+from lightning_landscape._validation import as_direction_list, as_grid_coords
+from lightning_landscape.data import BatchLoss, LossFn, Reduce, make_batch_loss
+from lightning_landscape.params import set_plane_point
 
 TRACE_METHODS: tuple[str, ...] = ("hutch++", "hutchinson")
 
@@ -896,11 +899,11 @@ def ratio_map(
         ((2, 2), ['lambda_max', 'lambda_min', 'loss', 'ratio'])
     """
     batch_loss = _resolve_batch_loss(loss_fn, forward_fn, batch_loss)
-    dirs = _as_direction_list(directions)
+    dirs = as_direction_list(directions)
     params = trainable_parameters(model)
     for k, d in enumerate(dirs):
         check_direction("directions" if len(dirs) == 1 else f"directions[{k}]", d, params)
-    grid = _as_coords(coords, len(dirs))
+    grid = as_grid_coords(coords, len(dirs))
     tol = check_positive_float("tol", tol)
     check_positive_int("maxiter", maxiter, allow_none=True)
     max_basis = check_positive_int("max_basis", max_basis, allow_none=True)

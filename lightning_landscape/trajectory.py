@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from lightning_landscape._validation import check_choice, check_positive_int, short_list
+from lightning_landscape.params import flatten_parameters, unflatten_vector
 
 __all__ = [
     "PCAResult",
@@ -74,96 +75,6 @@ _PCA_BLOCK_BYTES = (2**20, 64 * 2**20)
 _STATE_FORMAT = "lightning_landscape.SnapshotStore/1"
 # A reader keeps at most this many block files open (a big model has one snapshot per file).
 _MAX_OPEN_FILES = 64
-
-
-# --------------------------------------------------------------------------------------------
-# flat vectors <-> parameter dicts
-
-
-def flatten_parameters(
-    params: Mapping[str, torch.Tensor],
-    names: Iterable[str] | None = None,
-    *,
-    device: torch.device | str | None = "cpu",
-) -> torch.Tensor:
-    """Concatenate the tensors ``params[name]`` for ``name`` in ``names`` into one 1-D float32 vector.
-
-    Args:
-        params: tensors keyed by name (a model's trainable parameters, a direction).
-        names: the names to take, in this order; ``None`` takes every key of
-            ``params`` in its order.
-        device: where the vector lives; ``"cpu"`` (the default) gives a CPU
-            vector, ``None`` keeps it on the parameters' device (concatenating on
-            a GPU and then handing the vector to :meth:`SnapshotStore.append`
-            lets the store copy it to the host asynchronously).
-
-    Returns:
-        a new 1-D float32 tensor (never a view of ``params``) of length
-        Σ numel, detached from autograd.
-
-    Raises:
-        ValueError: if a name is missing from ``params`` or an entry is not a tensor.
-
-    Example:
-        >>> params = {"w": torch.ones(2, 2), "b": torch.zeros(3, dtype=torch.float64)}
-        >>> flatten_parameters(params).tolist()
-        [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
-        >>> flatten_parameters(params, ["b"]).dtype
-        torch.float32
-    """
-    if not isinstance(params, Mapping):
-        raise ValueError(f"`params` is a {type(params).__name__}; expected a dict of tensors keyed by parameter name.")
-    names = list(params) if names is None else list(names)
-    if not names:
-        raise ValueError("`names` is empty; expected at least one parameter name.")
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise ValueError(f"`names` holds {short_list(missing)}, not found in `params`; expected names from {short_list(list(params))}.")
-    tensors = []
-    for n in names:
-        t = params[n]
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"`params[{n!r}]` is a {type(t).__name__}; expected a tensor.")
-        tensors.append(t.detach().reshape(-1))
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:  # parameters spread over devices: gather them on the target (CPU by default)
-        target = torch.device("cpu") if device is None else torch.device(device)
-        tensors = [t.to(target) for t in tensors]
-    flat = torch.cat([t.to(torch.float32) for t in tensors])  # cat always allocates: never a view of params
-    return flat if device is None else flat.to(device)
-
-
-def unflatten_vector(vec: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Split a flat vector into tensors shaped, typed and placed like ``like``, keyed like ``like``.
-
-    The inverse of :func:`flatten_parameters` with ``names=list(like)``: the
-    vector is read in the key order of ``like``. The returned tensors never share
-    memory with ``vec``.
-
-    Raises:
-        ValueError: if ``vec`` is not a tensor or its length is not Σ numel of ``like``.
-
-    Example:
-        >>> like = {"w": torch.zeros(2, 2), "b": torch.zeros(1, dtype=torch.float64)}
-        >>> parts = unflatten_vector(torch.arange(5.0), like)
-        >>> parts["w"].tolist(), parts["b"].dtype
-        ([[0.0, 1.0], [2.0, 3.0]], torch.float64)
-    """
-    if not isinstance(like, Mapping) or not like:
-        raise ValueError(f"`like`={type(like).__name__} is not valid; expected a non-empty dict of tensors keyed by parameter name.")
-    if not isinstance(vec, torch.Tensor):
-        raise ValueError(f"`vec` is a {type(vec).__name__}; expected a 1-D tensor.")
-    total = sum(int(t.numel()) for t in like.values())
-    if vec.numel() != total:
-        raise ValueError(f"`vec` has {vec.numel()} elements; expected {total}, the total size of the tensors in `like`.")
-    flat = vec.detach().reshape(-1)
-    out: dict[str, torch.Tensor] = {}
-    offset = 0
-    for name, t in like.items():
-        n = int(t.numel())
-        out[name] = flat[offset : offset + n].reshape(t.shape).to(device=t.device, dtype=t.dtype, copy=True)
-        offset += n
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,10 +12,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from lightning_landscape.batches import count_samples, default_forward, model_device
+from lightning_landscape.data import count_samples, default_forward, model_device
 from lightning_landscape.state import preserved_state
-from lightning_landscape.batches import cache_batches
-from lightning_landscape.surface import BatchLoss, GridEvaluator
+from lightning_landscape.data import cache_batches
+from lightning_landscape.data import BatchLoss
+from lightning_landscape.surface import GridEvaluator
 
 #: ``loss_fn(module, batch) -> Tensor``: the batch-mean loss of a LightningModule.
 ModuleLossFn = Callable[[pl.LightningModule, Any], torch.Tensor]

@@ -25,7 +25,7 @@ from lightning_landscape.callbacks._common import (
     default_dirpath,
     misconfigured,
 )
-from lightning_landscape.directions import trainable_parameters
+from lightning_landscape.params import trainable_parameters
 from lightning_landscape.plots import pca_axis_labels, plot_contour, plot_path
 from lightning_landscape.results import Landscape
 from lightning_landscape.surface import surface_from_evaluator

@@ -1,4 +1,4 @@
-"""Batches: cached once on the model's device, and counted in samples.
+"""Data and loss: batches cached once on the model's device, counted in samples, and the loss of a batch.
 
 A surface evaluates the same data at hundreds of points; iterating a DataLoader
 (workers, collation, host-to-device copies) at every point would dominate the
@@ -16,6 +16,12 @@ from torch import nn
 
 #: ``forward_fn(model, batch) -> (outputs, targets)``
 ForwardFn = Callable[[nn.Module, Any], tuple[Any, Any]]
+#: ``loss_fn(outputs, targets) -> Tensor``: the mean loss of one batch.
+LossFn = Callable[[Any, Any], torch.Tensor]
+#: ``batch_loss(model, batch) -> (mean_loss, num_samples, outputs, targets)``; outputs may be None.
+BatchLoss = Callable[[nn.Module, Any], tuple[torch.Tensor, int, Any, Any]]
+#: ``reduce(sums) -> sums``: sums a float64 tensor over processes (identity on one process).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
@@ -120,3 +126,23 @@ def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def make_batch_loss(loss_fn: LossFn, forward_fn: ForwardFn | None = None) -> BatchLoss:
+    """Build a :data:`BatchLoss` from a ``loss_fn(outputs, targets)`` and an optional ``forward_fn``.
+
+    Example:
+        >>> batch_loss = make_batch_loss(nn.functional.mse_loss, lambda model, batch: (model(batch["x"]), batch["y"]))
+        >>> loss, n, outputs, targets = batch_loss(nn.Identity(), {"x": torch.ones(4, 1), "y": torch.zeros(4, 1)})
+        >>> loss.item(), n
+        (1.0, 4)
+    """
+    if not callable(loss_fn):
+        raise ValueError(f"`loss_fn`={loss_fn!r} is not callable; expected loss_fn(outputs, targets) -> Tensor.")
+    forward = forward_fn or default_forward
+
+    def batch_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, int, Any, Any]:
+        outputs, targets = forward(model, batch)
+        return loss_fn(outputs, targets), count_samples(targets, outputs), outputs, targets
+
+    return batch_loss

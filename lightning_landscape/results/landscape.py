@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-_RESERVED = ("metadata_json", "evaluated")
+from lightning_landscape.results.npz import METADATA_KEY, load_npz, save_npz
+
+_RESERVED = (METADATA_KEY, "evaluated")
+#: The ``result_kind`` of a saved Landscape.
+KIND = "landscape"
 
 
 @dataclass
@@ -53,6 +57,19 @@ class Landscape:
             if array.shape != self.shape:
                 raise ValueError(f"`values[{name!r}]` has shape {array.shape}; expected {self.shape} from `coords`.")
 
+    @classmethod
+    def empty(cls, coords: list[np.ndarray], names: Iterable[str] = (), metadata: dict[str, Any] | None = None) -> Landscape:
+        """A landscape over ``coords`` with nothing evaluated yet: NaN values for the loss and ``names``.
+
+        Example:
+            >>> ls = Landscape.empty([np.arange(3.0)], ["accuracy"])
+            >>> sorted(ls.values), bool(ls.evaluated.any())
+            (['accuracy', 'loss'], False)
+        """
+        shape = tuple(len(c) for c in coords)
+        values = {name: np.full(shape, np.nan) for name in ("loss", *names)}
+        return cls(coords=coords, values=values, evaluated=np.zeros(shape, dtype=bool), metadata=dict(metadata or {}))
+
     @property
     def dims(self) -> int:
         """1 for a curve, 2 for a surface."""
@@ -85,21 +102,15 @@ class Landscape:
         entry per value (``loss``, metric names), ``evaluated``, the extras, and
         ``metadata_json``.
         """
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_suffix(".npz")
         arrays: dict[str, np.ndarray] = {f"coords_{i}": c for i, c in enumerate(self.coords)}
         for group in (self.values, self.extras):
             for name, array in group.items():
                 if name in arrays or name in _RESERVED or name.startswith("coords_"):
                     raise ValueError(f"array name {name!r} is used twice or reserved; rename the metric or extra.")
                 arrays[name] = np.asarray(array)
-        meta = dict(self.metadata, value_names=list(self.values), extra_names=list(self.extras), dims=self.dims)
         arrays["evaluated"] = self.evaluated  # type: ignore[assignment]
-        arrays["metadata_json"] = np.array(json.dumps(meta, sort_keys=True))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **arrays)
-        return path
+        meta = dict(self.metadata, value_names=list(self.values), extra_names=list(self.extras), dims=self.dims)
+        return save_npz(path, KIND, arrays, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Landscape:
@@ -113,18 +124,19 @@ class Landscape:
             >>> back.metadata["seed"], back.loss.tolist()
             (0, [1.0, 1.0, 1.0])
         """
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["metadata_json"]))
-            dims = meta.pop("dims")
-            value_names = meta.pop("value_names")
-            extra_names = meta.pop("extra_names")
-            return cls(
-                coords=[data[f"coords_{i}"] for i in range(dims)],
-                values={name: data[name] for name in value_names},
-                evaluated=data["evaluated"],
-                metadata=meta,
-                extras={name: data[name] for name in extra_names},
-            )
+        data, meta = load_npz(path, kinds=(KIND,))
+        meta.pop("result_format", None)
+        meta.pop("result_kind", None)
+        dims = meta.pop("dims")
+        value_names = meta.pop("value_names")
+        extra_names = meta.pop("extra_names")
+        return cls(
+            coords=[data[f"coords_{i}"] for i in range(dims)],
+            values={name: data[name] for name in value_names},
+            evaluated=data["evaluated"],
+            metadata=meta,
+            extras={name: data[name] for name in extra_names},
+        )
 
     def summary(self, radii: tuple[float, ...] = ()) -> dict[str, float]:
         """Scalars for a logger: the loss at the centre and the mean rise of the loss at each radius.

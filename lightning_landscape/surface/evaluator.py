@@ -1,0 +1,157 @@
+"""The grid engine: a model's loss and metrics at its current weights, over batches cached once.
+
+:class:`GridEvaluator` returns per-point *sums* (loss x samples, samples) that a
+caller may reduce across processes before dividing; :meth:`GridEvaluator.run`
+visits the points of a :class:`~lightning_landscape.Landscape` not yet evaluated
+and writes them in place, point by point, so a partial result is always consistent.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lightning_landscape._validation import check_positive_int
+from lightning_landscape.data import BatchLoss, Reduce, cache_batches
+from lightning_landscape.results import Landscape
+
+
+def as_metric_dict(metrics: Any) -> dict[str, Any]:
+    """Metrics as ``{name: metric}`` (a dict kept as is, a list named by class).
+
+    Example:
+        >>> as_metric_dict(None)
+        {}
+    """
+    if metrics is None:
+        return {}
+    if isinstance(metrics, Mapping):
+        items = list(metrics.items())
+    elif isinstance(metrics, Sequence) and not isinstance(metrics, str):
+        items = [(type(m).__name__.lower(), m) for m in metrics]
+    else:
+        items = [(type(metrics).__name__.lower(), metrics)]
+    out: dict[str, Any] = {}
+    for name, metric in items:
+        if not all(hasattr(metric, attr) for attr in ("update", "compute", "reset")):
+            raise ValueError(
+                f"`metrics[{name!r}]`={metric!r} is not a metric; expected torchmetrics.Metric objects "
+                "(anything with update/compute/reset)."
+            )
+        if name == "loss" or name in out:
+            raise ValueError(f"`metrics` uses the name {name!r} twice or for the loss; pass a dict with distinct names.")
+        out[name] = metric
+    return out
+
+
+class GridEvaluator:
+    """Evaluate a model's loss and metrics at its current weights over cached batches.
+
+    The batches are moved to ``device`` once; each :meth:`evaluate` call runs one
+    eval-mode forward pass per batch without autograd and returns the
+    sample-weighted mean loss (not the mean of batch means) and the metrics.
+
+    Args:
+        data: an iterable of batches (a DataLoader, a list).
+        batch_loss: see :data:`BatchLoss`; build one with :func:`make_batch_loss`.
+        metrics: torchmetrics objects (a dict name -> metric, or a list);
+            they are copied, never mutated, and reset at every point.
+        device: where the batches and metrics live (the model's device).
+        num_batches: use at most this many batches of ``data``.
+        reduce: sums the per-point ``[loss x samples, samples]`` across processes;
+            ``None`` on a single process.
+
+    Example:
+        >>> from lightning_landscape import make_batch_loss
+        >>> model = nn.Linear(2, 1)
+        >>> data = [(torch.ones(3, 2), torch.zeros(3, 1))]
+        >>> ev = GridEvaluator(data, make_batch_loss(nn.functional.mse_loss), device="cpu")
+        >>> sorted(ev.evaluate(model))
+        ['loss']
+    """
+
+    def __init__(
+        self,
+        data: Iterable[Any],
+        batch_loss: BatchLoss,
+        *,
+        metrics: Any = None,
+        device: torch.device | str = "cpu",
+        num_batches: int | None = None,
+        reduce: Reduce | None = None,
+    ) -> None:
+        check_positive_int("num_batches", num_batches, allow_none=True)
+        self.device = torch.device(device)
+        self.batches = cache_batches(data, self.device, num_batches)
+        self.batch_loss = batch_loss
+        self.metrics = {name: copy.deepcopy(m).to(self.device) for name, m in as_metric_dict(metrics).items()}
+        self.reduce = reduce
+        self.num_samples: int | None = None
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Loss and metrics at the model's current weights; puts the model in eval mode."""
+        model.eval()
+        for metric in self.metrics.values():
+            metric.reset()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        with torch.no_grad():
+            for batch in self.batches:
+                loss, n, outputs, targets = self.batch_loss(model, batch)
+                total = total + loss.detach().to(torch.float64) * n
+                count += n
+                if self.metrics:
+                    if outputs is None:
+                        raise ValueError(
+                            "`metrics` need the model's outputs, but the loss function gave none; "
+                            "return them from `landscape_step` or pass metrics=None."
+                        )
+                    for metric in self.metrics.values():
+                        metric.update(outputs, targets)
+        sums = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=self.device)])
+        if self.reduce is not None:
+            sums = self.reduce(sums)
+        loss_sum, count_sum = sums.tolist()
+        self.num_samples = int(count_sum)
+        mean = loss_sum / count_sum if count_sum else math.nan
+        out = {"loss": mean if math.isfinite(mean) else math.nan}
+        for name, metric in self.metrics.items():
+            value = metric.compute()
+            out[name] = float(value) if torch.is_tensor(value) and value.numel() == 1 else math.nan
+        return out
+
+    def run(
+        self,
+        model: nn.Module,
+        landscape: Landscape,
+        set_point: Callable[[tuple[int, ...]], None],
+        *,
+        progress: bool | None = None,
+        description: str = "landscape",
+    ) -> Landscape:
+        """Evaluate every point of ``landscape`` not yet evaluated, writing results in place.
+
+        ``set_point(index)`` puts the weights of grid point ``index`` into the model.
+        Points are written one by one, so an interruption leaves a consistent partial result.
+        """
+        todo = [idx for idx in np.ndindex(*landscape.shape) if not landscape.evaluated[idx]]  # type: ignore[index]
+        # tqdm's disable=None turns the bar off when stderr is not a terminal.
+        bar = tqdm(todo, desc=description, disable=None if progress is None else not progress, leave=False)
+        for idx in bar:
+            set_point(idx)
+            point = self.evaluate(model)
+            for name, value in point.items():
+                if name not in landscape.values:
+                    landscape.values[name] = np.full(landscape.shape, np.nan)
+                landscape.values[name][idx] = value
+            landscape.evaluated[idx] = True  # type: ignore[index]
+        landscape.metadata["num_nonfinite"] = landscape.num_nonfinite
+        landscape.metadata["num_samples"] = self.num_samples
+        return landscape

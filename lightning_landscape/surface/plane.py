@@ -1,0 +1,134 @@
+"""Loss surfaces: f(α, β) = L(θ* + αδ + βη) on a 1-D or 2-D grid (Li et al., NeurIPS 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from lightning_landscape import _versions
+from lightning_landscape._validation import as_direction_list, as_grid_coords
+from lightning_landscape.data import ForwardFn, LossFn, make_batch_loss, model_device
+from lightning_landscape.directions import Direction, check_direction
+from lightning_landscape.params import Plane, trainable_parameters
+from lightning_landscape.results import Landscape
+from lightning_landscape.state import preserved_state
+from lightning_landscape.surface.evaluator import GridEvaluator
+
+
+def surface_from_evaluator(
+    model: nn.Module,
+    evaluator: GridEvaluator,
+    directions: Any,
+    coords: Any,
+    *,
+    progress: bool | None = None,
+    metadata: dict[str, Any] | None = None,
+    resume: Landscape | None = None,
+) -> Landscape:
+    """Evaluate f(α, β) = L(θ* + αδ + βη) with a ready :class:`GridEvaluator`.
+
+    This is :func:`loss_surface` for callers that build their own evaluator (a
+    Lightning module's loss, a cross-process ``reduce``). ``resume`` continues a
+    partial result of the same grid. See :func:`loss_surface` for the rest.
+
+    Example:
+        >>> from lightning_landscape import random_direction
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Linear(2, 1)
+        >>> ev = GridEvaluator([(torch.ones(4, 2), torch.zeros(4, 1))], make_batch_loss(nn.functional.mse_loss))
+        >>> direction = random_direction(model, seed=0)
+        >>> ls = surface_from_evaluator(model, ev, direction, [np.linspace(-1, 1, 3)], progress=False)
+        >>> ls.loss.shape, ls.metadata["kind"], ls.metadata["center_loss"] == float(ls.loss[1])
+        ((3,), 'surface', True)
+    """
+    dirs = as_direction_list(directions)
+    params = trainable_parameters(model)
+    for k, d in enumerate(dirs):
+        check_direction("directions" if len(dirs) == 1 else f"directions[{k}]", d, params)
+    grid = as_grid_coords(coords, len(dirs))
+    meta = {"kind": "surface", **_versions.collect(), **(metadata or {})}
+    if resume is not None:
+        if resume.shape != tuple(len(c) for c in grid) or not all(np.array_equal(a, b) for a, b in zip(resume.coords, grid)):
+            raise ValueError("`resume` was computed on another grid; expected the same `coords`.")
+        landscape = resume
+    else:
+        landscape = Landscape.empty(grid, evaluator.metrics, meta)
+
+    with preserved_state(model) as state:
+        plane = Plane(params, state.parameters, dirs)
+        evaluator.run(
+            model,
+            landscape,
+            lambda idx: plane.set([float(grid[axis][i]) for axis, i in enumerate(idx)]),
+            progress=progress,
+            description="loss surface",
+        )
+        if "center_loss" not in landscape.metadata:
+            origin = tuple(int(np.argmin(np.abs(c))) for c in grid)
+            if all(grid[a][i] == 0 for a, i in enumerate(origin)) and landscape.evaluated[origin]:  # type: ignore[index]
+                landscape.metadata["center_loss"] = float(landscape.loss[origin])
+            else:  # θ* is not a grid point: evaluate it, so center_loss is always the loss at θ* itself
+                plane.reset()
+                landscape.metadata["center_loss"] = evaluator.evaluate(model)["loss"]
+    return landscape
+
+
+def loss_surface(
+    model: nn.Module,
+    data: Iterable[Any],
+    directions: Direction | Sequence[Direction],
+    coords: Any,
+    *,
+    loss_fn: LossFn,
+    metrics: Any = None,
+    forward_fn: ForwardFn | None = None,
+    num_batches: int | None = None,
+    progress: bool | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Landscape:
+    """Loss (and metrics) on a 1-D or 2-D slice θ* + αδ + βη through the model's weights.
+
+    Args:
+        model: any ``nn.Module``; θ* are its current trainable weights. It is
+            evaluated in eval mode without autograd and left exactly as it was.
+        data: any iterable of batches; it is read once and cached on the model's device.
+        directions: one direction or a list of two (see :func:`random_direction`).
+        coords: one 1-D array of coordinates per direction.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; the value at
+            a point is the sample-weighted mean over all samples.
+        metrics: torchmetrics objects (dict name -> metric, or a list), reset per point.
+        forward_fn: ``forward_fn(model, batch) -> (outputs, targets)``; by default a
+            batch is ``(inputs, targets)``.
+        num_batches: use at most this many batches of ``data``.
+        progress: show a progress bar; ``None`` shows it only on a terminal.
+        metadata: extra facts to store (e.g. the directions' ``norm`` and ``seed``).
+
+    Returns:
+        a :class:`Landscape` with ``values["loss"]`` of shape ``(len(α),)`` or ``(len(α), len(β))``.
+
+    Raises:
+        ValueError: for more than two directions, directions that do not match the
+            model, empty or non-finite coords, empty data, a model without trainable
+            parameters.
+
+    Example:
+        >>> from lightning_landscape import random_direction
+        >>> model = nn.Linear(2, 1)
+        >>> data = [(torch.randn(8, 2), torch.randn(8, 1))]
+        >>> dirs = [random_direction(model, seed=0), random_direction(model, seed=1)]
+        >>> ls = loss_surface(model, data, dirs, [np.linspace(-1, 1, 5)] * 2, loss_fn=nn.functional.mse_loss)
+        >>> ls.loss.shape
+        (5, 5)
+    """
+    dirs = as_direction_list(directions)
+    params = trainable_parameters(model)
+    for k, d in enumerate(dirs):
+        check_direction("directions" if len(dirs) == 1 else f"directions[{k}]", d, params)
+    grid = as_grid_coords(coords, len(dirs))
+    evaluator = GridEvaluator(
+        data, make_batch_loss(loss_fn, forward_fn), metrics=metrics, device=model_device(model), num_batches=num_batches
+    )
+    return surface_from_evaluator(model, evaluator, dirs, grid, progress=progress, metadata=metadata)
