@@ -7,7 +7,10 @@ user can fix the call without reading the source.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -91,3 +94,71 @@ def as_grid_coords(coords: Any, dims: int) -> list[np.ndarray]:
         got = len(coords) if isinstance(coords, (Sequence, np.ndarray)) else type(coords).__name__
         raise ValueError(f"`coords` holds {got} axes; expected one 1-D array per direction ({dims}).")
     return [as_coordinate_array(f"coords[{i}]", c) for i, c in enumerate(coords)]
+
+
+#: Seeds go to ``torch.Generator.manual_seed`` and ``numpy.random.SeedSequence``; the second
+#: direction of a surface uses ``seed + 1``, so the largest seed leaves room for it in an int64.
+MAX_SEED = 2**63 - 2
+
+
+def check_seed(name: str, value: Any) -> int:
+    """Return ``value`` if it is an int in [0, 2**63 - 2] (not a bool), else raise ``ValueError``.
+
+    Example:
+        >>> check_seed("seed", 7)
+        7
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"`{name}`={value!r} is not valid; expected an integer from 0 to {MAX_SEED}.")
+    return int(value)
+
+
+def check_callable(name: str, value: Any, signature: str, *, allow_none: bool = True) -> Any:
+    """Return ``value`` if it is callable (or None when allowed), else raise ``ValueError``.
+
+    Example:
+        >>> check_callable("loss_fn", None, "loss_fn(outputs, targets) -> Tensor") is None
+        True
+    """
+    if value is None and allow_none:
+        return None
+    if not callable(value):
+        raise ValueError(f"`{name}`={value!r} is not callable; expected {signature}.")
+    return value
+
+
+def check_nonnegative_float(name: str, value: Any, *, unit: str = "") -> float:
+    """Return ``value`` as float if it is a finite number >= 0, else raise ``ValueError``.
+
+    Example:
+        >>> check_nonnegative_float("max_memory_mb", 256)
+        256.0
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}`={value!r} is not valid; expected a finite number >= 0{unit}.")
+    return float(value)
+
+
+def check_writable_dir(name: str, path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and check a file can be written there (by writing and deleting one).
+
+    Raises ``ValueError`` naming ``name`` when the directory cannot be created or written
+    (a path under a file, read-only, full).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     check_writable_dir("dirpath", Path(tmp) / "a" / "b").name
+        ...     sorted(p.name for p in Path(tmp).rglob("*"))  # created, and the write probe is gone
+        'b'
+        ['a', 'b']
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-") as probe:
+            probe.write(b"0")
+            probe.flush()
+    except OSError as err:
+        raise ValueError(f"`{name}`={str(path)!r} cannot be written ({err}); expected a writable directory.") from err
+    return path
