@@ -49,7 +49,13 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.digits import digits_cnn, load_digits_tensors  # noqa: E402
-from lightning_landscape.hessian import HessianOperator, _lanczos_extremes, _seed_streams, _trace_estimate, hessian_check  # noqa: E402
+from lightning_landscape.hessian import (
+    HessianOperator,
+    _lanczos_extremes,
+    _seed_streams,
+    _trace_estimate,
+    hessian_check,
+)  # noqa: E402
 from lightning_landscape.surface import make_batch_loss  # noqa: E402
 
 TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6)
@@ -88,7 +94,9 @@ def exact_hessian(model: torch.nn.Module, batches, chunk: int = 128) -> np.ndarr
         grads = torch.autograd.grad(loss, params, create_graph=True)
         flat = torch.cat([g.reshape(-1) for g in grads])
         for i in range(0, n, chunk):
-            rows = torch.autograd.grad(flat, params, grad_outputs=eye[i : i + chunk], retain_graph=True, is_grads_batched=True)
+            rows = torch.autograd.grad(
+                flat, params, grad_outputs=eye[i : i + chunk], retain_graph=True, is_grads_batched=True
+            )
             hess[i : i + chunk] += torch.cat([r.reshape(r.shape[0], -1) for r in rows], dim=1)
     hess = hess.numpy()
     return (hess + hess.T) / 2
@@ -147,7 +155,9 @@ def ours_sweep(op: HessianOperator, lambda_min: bool, exact_max: float, exact_mi
     return rows
 
 
-def lanczos_oracle(op: HessianOperator, exact_max: float, exact_min: float, steps: int, seed: int = 0) -> tuple[int | None, int | None]:
+def lanczos_oracle(
+    op: HessianOperator, exact_max: float, exact_min: float, steps: int, seed: int = 0
+) -> tuple[int | None, int | None]:
     """First Lanczos step after which the extreme Ritz values stay within the targets (our Lanczos, no stopping rule)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # tol=1e-15 is not meant to be reached
@@ -249,7 +259,11 @@ def main() -> None:
     v = np.random.default_rng(0).standard_normal(op.shape[0])
     v_list = [torch.randn_like(p) for p in ph.comp.params]
     costs = interleaved_median_times(
-        {"ours": lambda: op.matvec(v), "pyhessian": lambda: ph.original(v_list), "gradient": gradient_fn(model, batches)}
+        {
+            "ours": lambda: op.matvec(v),
+            "pyhessian": lambda: ph.original(v_list),
+            "gradient": gradient_fn(model, batches),
+        }
     )
     ours_hvp, ph_hvp, grad_s = costs["ours"], costs["pyhessian"], costs["gradient"]
     op_check = float(np.linalg.norm(op @ v - hess @ v) / np.linalg.norm(hess @ v))
@@ -276,14 +290,27 @@ def main() -> None:
             continue
         hvps, value = stop
         value += ph.shift
-        ph_min.append({"tol": tol, "hvp": hvps + sigma_row["hvp"], "s": (hvps * per_hvp) + sigma_row["s"], "value": value, "err": rel(value, lmin)})
+        ph_min.append(
+            {
+                "tol": tol,
+                "hvp": hvps + sigma_row["hvp"],
+                "s": (hvps * per_hvp) + sigma_row["s"],
+                "value": value,
+                "err": rel(value, lmin),
+            }
+        )
     ph_oracle_min = first_staying(shifted, lmin, TARGET_MIN)
     ph.shift = 0.0
     torch.manual_seed(0)
     ph.count = 0
     t = time.perf_counter()
     samples = ph.comp.trace()  # defaults: maxIter=100, tol=1e-3
-    ph_trace = (float(np.mean(samples)), float(np.std(samples, ddof=1) / np.sqrt(len(samples))), ph.count, time.perf_counter() - t)
+    ph_trace = (
+        float(np.mean(samples)),
+        float(np.std(samples, ddof=1) / np.sqrt(len(samples))),
+        ph.count,
+        time.perf_counter() - t,
+    )
     load_end = os.getloadavg()[0]
 
     def reached(rows, key, target):
@@ -301,29 +328,53 @@ def main() -> None:
         return f"{r['hvp']}{tol}{note} | {r[key]:.1e} | {r['s']:.2f}"
 
     ph_count_note = f" (≤ {args.max_power_iters} iters)"
-    print(f"\n## Hessian benchmark: digits CNN ({args.channels} channels, BatchNorm), {num_params} weights, {len(x)} samples in batches of 256, float32, eval mode")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); load average {load_start:.1f} at start, {load_end:.1f} at end")
-    print(f"\nexact (dense float64 Hessian + eigvalsh, {exact_seconds:.1f} s): "
-          f"λmax = {lmax:.6g}, λmin = {lmin:.6g}, |λmin/λmax| = {abs(lmin / lmax):.4g}, trace = {trace:.6g}; "
-          f"our float32 operator: ‖Hv − op(v)‖/‖Hv‖ = {op_check:.1e}\n")
-    print("ours: one Lanczos run (full reorthogonalization, residual test at every step) for both ends, as in "
-          "`hessian_check(seed=0)`; PyHessian: power iteration, λmin by power iteration on H − σI with σ its λmax "
-          "(HVPs of the σ run included). Targets: 1e-3 relative for λmax, 1e-2 for λmin.\n")
-    print("| quantity | stopping | ours: HVPs | ours: rel. error | ours: wall s | PyHessian: HVPs | PyHessian: rel. error | PyHessian: wall s |")
+    print(
+        f"\n## Hessian benchmark: digits CNN ({args.channels} channels, BatchNorm), {num_params} weights, {len(x)} samples in batches of 256, float32, eval mode"
+    )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); load average {load_start:.1f} at start, {load_end:.1f} at end"
+    )
+    print(
+        f"\nexact (dense float64 Hessian + eigvalsh, {exact_seconds:.1f} s): "
+        f"λmax = {lmax:.6g}, λmin = {lmin:.6g}, |λmin/λmax| = {abs(lmin / lmax):.4g}, trace = {trace:.6g}; "
+        f"our float32 operator: ‖Hv − op(v)‖/‖Hv‖ = {op_check:.1e}\n"
+    )
+    print(
+        "ours: one Lanczos run (full reorthogonalization, residual test at every step) for both ends, as in "
+        "`hessian_check(seed=0)`; PyHessian: power iteration, λmin by power iteration on H − σI with σ its λmax "
+        "(HVPs of the σ run included). Targets: 1e-3 relative for λmax, 1e-2 for λmin.\n"
+    )
+    print(
+        "| quantity | stopping | ours: HVPs | ours: rel. error | ours: wall s | PyHessian: HVPs | PyHessian: rel. error | PyHessian: wall s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| λmax | default tol=1e-3 | {cells(at_tol(ours_max, 1e-3), 'err_max')} | {cells(at_tol(ph_max, 1e-3), 'err')} |")
-    print(f"| λmax | to 1e-3: loosest tol that gets there | {cells(reached(ours_max, 'err_max', TARGET_MAX), 'err_max', True)} | "
-          f"{cells(reached(ph_max, 'err', TARGET_MAX), 'err', True)} |")
-    print(f"| λmax | to 1e-3: oracle (first HVP after which it stays within) | {oracle_max} | – | – | {ph_oracle_max} | – | – |")
-    print(f"| λmin | default tol=1e-3 (ours: the same run gives λmax) | {cells(at_tol(ours_both, 1e-3), 'err_min')} | "
-          f"{cells(at_tol(ph_min, 1e-3), 'err')} |")
-    print(f"| λmin | to 1e-2: loosest tol that gets there | {cells(reached(ours_both, 'err_min', TARGET_MIN), 'err_min', True)} | "
-          f"{cells(reached(ph_min, 'err', TARGET_MIN), 'err', True, ph_count_note)} |")
+    print(
+        f"| λmax | default tol=1e-3 | {cells(at_tol(ours_max, 1e-3), 'err_max')} | {cells(at_tol(ph_max, 1e-3), 'err')} |"
+    )
+    print(
+        f"| λmax | to 1e-3: loosest tol that gets there | {cells(reached(ours_max, 'err_max', TARGET_MAX), 'err_max', True)} | "
+        f"{cells(reached(ph_max, 'err', TARGET_MAX), 'err', True)} |"
+    )
+    print(
+        f"| λmax | to 1e-3: oracle (first HVP after which it stays within) | {oracle_max} | – | – | {ph_oracle_max} | – | – |"
+    )
+    print(
+        f"| λmin | default tol=1e-3 (ours: the same run gives λmax) | {cells(at_tol(ours_both, 1e-3), 'err_min')} | "
+        f"{cells(at_tol(ph_min, 1e-3), 'err')} |"
+    )
+    print(
+        f"| λmin | to 1e-2: loosest tol that gets there | {cells(reached(ours_both, 'err_min', TARGET_MIN), 'err_min', True)} | "
+        f"{cells(reached(ph_min, 'err', TARGET_MIN), 'err', True, ph_count_note)} |"
+    )
     ph_oracle_min_text = f"not within {count}" if ph_oracle_min is None else str(ph_oracle_min)
-    print(f"| λmin | to 1e-2: oracle | {oracle_min} | – | – | {ph_oracle_min_text} (+{sigma_row['hvp']} for σ) | – | – |")
-    print(f"| λmax, λmin | `hessian_check(top_k=1, lambda_min=True)` end to end, tol=1e-3 | {full.num_hvp} | "
-          f"{rel(full.lambda_max, lmax):.1e}, {rel(full.lambda_min, lmin):.1e} | {full.seconds:.2f} | – | – | – |")
+    print(
+        f"| λmin | to 1e-2: oracle | {oracle_min} | – | – | {ph_oracle_min_text} (+{sigma_row['hvp']} for σ) | – | – |"
+    )
+    print(
+        f"| λmax, λmin | `hessian_check(top_k=1, lambda_min=True)` end to end, tol=1e-3 | {full.num_hvp} | "
+        f"{rel(full.lambda_max, lmax):.1e}, {rel(full.lambda_min, lmin):.1e} | {full.seconds:.2f} | – | – | – |"
+    )
     print("\n| method | trace ± s.e. | HVPs | wall s | error / exact | error / s.e. |")
     print("|---|---|---|---|---|---|")
     for name, (value, stderr, count_, seconds_) in (
@@ -331,11 +382,15 @@ def main() -> None:
         ("ours: Hutchinson (60)", ours_traces["hutchinson"]),
         ("PyHessian: Hutchinson (maxIter=100, tol=1e-3)", ph_trace),
     ):
-        print(f"| {name} | {value:.5g} ± {stderr:.2g} | {count_} | {seconds_:.2f} | {rel(value, trace):.1e} | {abs(value - trace) / stderr:.1f} |")
+        print(
+            f"| {name} | {value:.5g} ± {stderr:.2g} | {count_} | {seconds_:.2f} | {rel(value, trace):.1e} | {abs(value - trace) / stderr:.1f} |"
+        )
     print("\n| cost of one HVP | HVP ms | gradient ms | HVP / gradient |")
     print("|---|---|---|---|")
     print(f"| ours (double backward) | {ours_hvp * 1e3:.1f} | {grad_s * 1e3:.1f} | {ours_hvp / grad_s:.2f} |")
-    print(f"| PyHessian (backward(create_graph) + grad) | {ph_hvp * 1e3:.1f} | {grad_s * 1e3:.1f} | {ph_hvp / grad_s:.2f} |")
+    print(
+        f"| PyHessian (backward(create_graph) + grad) | {ph_hvp * 1e3:.1f} | {grad_s * 1e3:.1f} | {ph_hvp / grad_s:.2f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -75,9 +75,13 @@ def theirs(model, x, y, *, no_grad: bool, loader=None) -> float:
     t = time.perf_counter()
     if no_grad:
         with torch.no_grad():
-            loss_landscapes.random_plane(model, metric, distance=1, steps=STEPS, normalization="filter", deepcopy_model=True)
+            loss_landscapes.random_plane(
+                model, metric, distance=1, steps=STEPS, normalization="filter", deepcopy_model=True
+            )
     else:
-        loss_landscapes.random_plane(model, metric, distance=1, steps=STEPS, normalization="filter", deepcopy_model=True)
+        loss_landscapes.random_plane(
+            model, metric, distance=1, steps=STEPS, normalization="filter", deepcopy_model=True
+        )
     return time.perf_counter() - t
 
 
@@ -121,17 +125,31 @@ def main() -> None:
             rows[key] = min(rows.get(key, np.inf), fn())
 
     points = STEPS * STEPS
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, Python {platform.python_version()}")
-    print(f"model: digits CNN, {args.channels} channels, BatchNorm, {n_params} parameters; {SAMPLES} samples; "
-          f"{STEPS}x{STEPS} grid; min of {args.repeats} runs\n")
-    print("| data | ours (s) | 441 plain forwards (s) | overhead | loss-landscapes (s) | ratio | loss-landscapes no_grad (s) | ratio |")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
+    print(
+        f"model: digits CNN, {args.channels} channels, BatchNorm, {n_params} parameters; {SAMPLES} samples; "
+        f"{STEPS}x{STEPS} grid; min of {args.repeats} runs\n"
+    )
+    print(
+        "| data | ours (s) | 441 plain forwards (s) | overhead | loss-landscapes (s) | ratio | loss-landscapes no_grad (s) | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for label, o, f, t, tn in (
         ("1 cached batch of 1024", rows["ours_1"], rows["fwd_1"], rows["theirs_1"], rows["theirs_1_nograd"]),
-        ("DataLoader, 8 batches", rows["ours_loader"], rows["fwd_8"], rows["theirs_loader"], rows["theirs_loader_nograd"]),
+        (
+            "DataLoader, 8 batches",
+            rows["ours_loader"],
+            rows["fwd_8"],
+            rows["theirs_loader"],
+            rows["theirs_loader_nograd"],
+        ),
     ):
-        print(f"| {label} | {o:.3f} | {points * f:.3f} | {o / (points * f):.3f} | {t:.3f} | {o / t:.3f} | {tn:.3f} | {o / tn:.3f} |")
+        print(
+            f"| {label} | {o:.3f} | {points * f:.3f} | {o / (points * f):.3f} | {t:.3f} | {o / t:.3f} | {tn:.3f} | {o / tn:.3f} |"
+        )
     print("\noverhead target <= 1.05; ratio (ours / loss-landscapes) target <= 1.0")
 
 

@@ -297,7 +297,10 @@ def memory_benchmark(counts: list[int], threads: int, memory_counts: list[int], 
             env["MALLOC_MMAP_THRESHOLD_"] = str(FIXED_MMAP_THRESHOLD)
         out = subprocess.run(
             [sys.executable, __file__, "--child", storage, str(k), "--memory-threads", str(threads)],
-            check=True, capture_output=True, text=True, env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
         )
         rows.append(dict(json.loads(out.stdout.strip().splitlines()[-1]), fixed=fixed))
     return rows
@@ -314,10 +317,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training runs")
     parser.add_argument("--memory-threads", type=int, default=1, help="torch threads of the memory runs")
     parser.add_argument("--snapshots", type=int, nargs="+", default=[50, 100, 200])
-    parser.add_argument("--memory-snapshots", type=int, nargs="*", default=[50, 200],
-                        help="snapshot counts for the memory-storage comparison")
-    parser.add_argument("--fixed-threshold-snapshots", type=int, nargs="*", default=[50, 200],
-                        help="snapshot counts for the diagnostic disk rows run with glibc's MALLOC_MMAP_THRESHOLD_ fixed")
+    parser.add_argument(
+        "--memory-snapshots",
+        type=int,
+        nargs="*",
+        default=[50, 200],
+        help="snapshot counts for the memory-storage comparison",
+    )
+    parser.add_argument(
+        "--fixed-threshold-snapshots",
+        type=int,
+        nargs="*",
+        default=[50, 200],
+        help="snapshot counts for the diagnostic disk rows run with glibc's MALLOC_MMAP_THRESHOLD_ fixed",
+    )
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("STORAGE", "K"), help=argparse.SUPPRESS)
@@ -330,80 +343,122 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import pytorch_lightning as pl
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
-          f"thread(s), torch {torch.__version__}, Lightning {pl.__version__}, Python {platform.python_version()}, "
-          f"{platform.system()} {platform.release()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+        f"thread(s), torch {torch.__version__}, Lightning {pl.__version__}, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
 
     if not args.skip_training:
         t0 = time.perf_counter()
         runs = training_benchmark(args.repeats, args.epochs)
         steps = int(runs["none"][0]["steps"])
-        print(f"\n## Training slowdown: digits CNN (16 channels), {args.epochs} epochs, {steps} optimizer steps, "
-              f"{args.repeats} interleaved repeats ({time.perf_counter() - t0:.0f} s)\n")
-        print("| variant | snapshots | wall: median (s) | wall: slowdown of medians | wall: median paired slowdown "
-              "| CPU: median (s) | CPU: slowdown of medians | CPU: median paired slowdown "
-              "| snapshot hooks, CPU share: total | snapshot hooks, CPU share: median call x calls | target | met (hooks) |")
+        print(
+            f"\n## Training slowdown: digits CNN (16 channels), {args.epochs} epochs, {steps} optimizer steps, "
+            f"{args.repeats} interleaved repeats ({time.perf_counter() - t0:.0f} s)\n"
+        )
+        print(
+            "| variant | snapshots | wall: median (s) | wall: slowdown of medians | wall: median paired slowdown "
+            "| CPU: median (s) | CPU: slowdown of medians | CPU: median paired slowdown "
+            "| snapshot hooks, CPU share: total | snapshot hooks, CPU share: median call x calls | target | met (hooks) |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         base = {c: np.array([r["train"][c] for r in runs["none"]]) for c in CLOCKS}
-        print(f"| no callback | 0 | {np.median(base['wall']):.3f} | - | - | {np.median(base['cpu']):.3f} | - | - | - | - | - | - |")
+        print(
+            f"| no callback | 0 | {np.median(base['wall']):.3f} | - | - | {np.median(base['cpu']):.3f} | - | - | - | - | - | - |"
+        )
         verdicts = {}
-        for key, label, target in (("step", "every_n_steps=1", TARGET_STEP), ("epoch", "every_n_epochs=1", TARGET_EPOCH),
-                                   ("noop", f"control: {NOOP_CALLBACKS} no-op Callbacks", None)):
+        for key, label, target in (
+            ("step", "every_n_steps=1", TARGET_STEP),
+            ("epoch", "every_n_epochs=1", TARGET_EPOCH),
+            ("noop", f"control: {NOOP_CALLBACKS} no-op Callbacks", None),
+        ):
             cells = []
             for clock in CLOCKS:
                 t = np.array([r["train"][clock] for r in runs[key]])
-                cells += [f"{np.median(t):.3f}", f"{100 * (np.median(t) / np.median(base[clock]) - 1):+.2f} %",
-                          f"{100 * np.median(t / base[clock] - 1):+.2f} %"]
+                cells += [
+                    f"{np.median(t):.3f}",
+                    f"{100 * (np.median(t) / np.median(base[clock]) - 1):+.2f} %",
+                    f"{100 * np.median(t / base[clock] - 1):+.2f} %",
+                ]
             if target is None:
                 print(f"| {label} | 0 | " + " | ".join(cells) + " | - | - | - | - |")
                 continue
             total = float(np.median([sum(r["calls"]["cpu"]) / r["train"]["cpu"] for r in runs[key]]))
-            robust = float(np.median([np.median(r["calls"]["cpu"]) * len(r["calls"]["cpu"]) / r["train"]["cpu"]
-                                      for r in runs[key]]))
+            robust = float(
+                np.median(
+                    [np.median(r["calls"]["cpu"]) * len(r["calls"]["cpu"]) / r["train"]["cpu"] for r in runs[key]]
+                )
+            )
             verdicts[label] = (robust, target)
-            print(f"| TrajectoryPCA({label}) | {int(runs[key][0]['points'])} | " + " | ".join(cells)
-                  + f" | {100 * total:.2f} % | {100 * robust:.2f} % | <= {100 * target:.0f} % | {'yes' if robust <= target else 'no'} |")
+            print(
+                f"| TrajectoryPCA({label}) | {int(runs[key][0]['points'])} | "
+                + " | ".join(cells)
+                + f" | {100 * total:.2f} % | {100 * robust:.2f} % | <= {100 * target:.0f} % | {'yes' if robust <= target else 'no'} |"
+            )
         noop = np.array([r["train"]["cpu"] for r in runs["noop"]])
         dispatch = float(np.median(noop / base["cpu"] - 1)) / NOOP_CALLBACKS
         print()
         for clock in CLOCKS:
             spread = float((np.percentile(base[clock], 75) - np.percentile(base[clock], 25)) / np.median(base[clock]))
-            print(f"{clock} clock: spread of the plain runs (IQR / median) {100 * spread:.1f} %; per-run times (s): "
-                  + "; ".join(f"{k}: " + " ".join(f"{r['train'][clock]:.3f}" for r in v) for k, v in runs.items()))
+            print(
+                f"{clock} clock: spread of the plain runs (IQR / median) {100 * spread:.1f} %; per-run times (s): "
+                + "; ".join(f"{k}: " + " ".join(f"{r['train'][clock]:.3f}" for r in v) for k, v in runs.items())
+            )
         per_call = np.median([np.median(r["calls"]["cpu"]) for r in runs["step"]])
         per_step = np.median(base["cpu"]) / steps
-        print(f"one snapshot (every_n_steps=1, median call, CPU): {1e6 * per_call:.0f} us; plain training CPU per optimizer "
-              f"step (validation included): {1e6 * per_step:.0f} us")
-        print(f"Lightning's dispatch cost of any one callback (control, CPU paired / {NOOP_CALLBACKS}): {100 * dispatch:+.2f} %")
+        print(
+            f"one snapshot (every_n_steps=1, median call, CPU): {1e6 * per_call:.0f} us; plain training CPU per optimizer "
+            f"step (validation included): {1e6 * per_step:.0f} us"
+        )
+        print(
+            f"Lightning's dispatch cost of any one callback (control, CPU paired / {NOOP_CALLBACKS}): {100 * dispatch:+.2f} %"
+        )
         for label, (robust, target) in verdicts.items():
             est = robust + max(dispatch, 0.0)
-            print(f"TrajectoryPCA({label}): snapshot hooks {100 * robust:.2f} % + dispatch {100 * max(dispatch, 0.0):.2f} % "
-                  f"= {100 * est:.2f} % of training, target <= {100 * target:.0f} %: {'MET' if est <= target else 'MISSED'}")
+            print(
+                f"TrajectoryPCA({label}): snapshot hooks {100 * robust:.2f} % + dispatch {100 * max(dispatch, 0.0):.2f} % "
+                f"= {100 * est:.2f} % of training, target <= {100 * target:.0f} %: {'MET' if est <= target else 'MISSED'}"
+            )
 
     if not args.skip_memory:
         t0 = time.perf_counter()
-        rows = memory_benchmark(args.snapshots, args.memory_threads, args.memory_snapshots, args.fixed_threshold_snapshots)
+        rows = memory_benchmark(
+            args.snapshots, args.memory_threads, args.memory_snapshots, args.fixed_threshold_snapshots
+        )
         copy = rows[0]["model_bytes"]
-        print(f"\n## Peak resident memory above baseline: MLP of {rows[0]['num_params']:,} float32 parameters "
-              f"(1 model copy = {copy / MB:.1f} MB), one fresh process per row ({time.perf_counter() - t0:.0f} s)\n")
-        print("| storage | snapshots | append peak (MB) | append peak (copies) | retained after append (copies) "
-              "| PCA peak (MB) | PCA peak (copies) | sampled append / PCA (copies) | append (s) | PCA (s) | target | met |")
+        print(
+            f"\n## Peak resident memory above baseline: MLP of {rows[0]['num_params']:,} float32 parameters "
+            f"(1 model copy = {copy / MB:.1f} MB), one fresh process per row ({time.perf_counter() - t0:.0f} s)\n"
+        )
+        print(
+            "| storage | snapshots | append peak (MB) | append peak (copies) | retained after append (copies) "
+            "| PCA peak (MB) | PCA peak (copies) | sampled append / PCA (copies) | append (s) | PCA (s) | target | met |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             disk = r["storage"] == "disk"
             worst = max(r["append_peak"], r["pca_peak"]) / copy
             met = ("yes" if worst <= TARGET_COPIES else "no") if disk else "-"
-            label = r["storage"] + (f", MALLOC_MMAP_THRESHOLD_={FIXED_MMAP_THRESHOLD} (diagnostic)" if r["fixed"] else "")
-            print(f"| {label} | {r['count']} | {r['append_peak'] / MB:.1f} | {r['append_peak'] / copy:.2f} | "
-                  f"{r['after_append'] / copy:.2f} | {r['pca_peak'] / MB:.1f} | {r['pca_peak'] / copy:.2f} | "
-                  f"{r['append_sampled'] / copy:.2f} / {r['pca_sampled'] / copy:.2f} | {r['append_seconds']:.1f} | "
-                  f"{r['pca_seconds']:.1f} | {'<= 3 copies' if disk else 'about K copies'} | {met} |")
-        print(f"\nbaseline RSS (model, noise buffer, empty store): {rows[0]['baseline'] / MB:.0f} MB; "
-              f"peaks from VmHWM: {all(r['hwm'] for r in rows)}")
+            label = r["storage"] + (
+                f", MALLOC_MMAP_THRESHOLD_={FIXED_MMAP_THRESHOLD} (diagnostic)" if r["fixed"] else ""
+            )
+            print(
+                f"| {label} | {r['count']} | {r['append_peak'] / MB:.1f} | {r['append_peak'] / copy:.2f} | "
+                f"{r['after_append'] / copy:.2f} | {r['pca_peak'] / MB:.1f} | {r['pca_peak'] / copy:.2f} | "
+                f"{r['append_sampled'] / copy:.2f} / {r['pca_sampled'] / copy:.2f} | {r['append_seconds']:.1f} | "
+                f"{r['pca_seconds']:.1f} | {'<= 3 copies' if disk else 'about K copies'} | {met} |"
+            )
+        print(
+            f"\nbaseline RSS (model, noise buffer, empty store): {rows[0]['baseline'] / MB:.0f} MB; "
+            f"peaks from VmHWM: {all(r['hwm'] for r in rows)}"
+        )
         disk = [r for r in rows if r["storage"] == "disk" and not r["fixed"]]
         worst = max(max(r["append_peak"], r["pca_peak"]) for r in disk) / copy
-        print(f"disk storage, worst peak over K = {', '.join(str(r['count']) for r in disk)}: {worst:.2f} model copies, "
-              f"target <= {TARGET_COPIES:.0f}: {'MET' if worst <= TARGET_COPIES else 'MISSED'}")
+        print(
+            f"disk storage, worst peak over K = {', '.join(str(r['count']) for r in disk)}: {worst:.2f} model copies, "
+            f"target <= {TARGET_COPIES:.0f}: {'MET' if worst <= TARGET_COPIES else 'MISSED'}"
+        )
 
 
 if __name__ == "__main__":

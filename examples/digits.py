@@ -34,7 +34,12 @@ class DigitsDataModule(pl.LightningDataModule):
     """
 
     def __init__(
-        self, batch_size: int = 64, val_fraction: float = 0.2, num_train: int | None = None, seed: int = 0, shuffle: bool = True
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.2,
+        num_train: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

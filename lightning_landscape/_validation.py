@@ -36,7 +36,12 @@ def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> in
 
 def check_positive_float(name: str, value: Any) -> float:
     """Return ``value`` as float if it is a finite number > 0, else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.number))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(f"`{name}`={value!r} is not valid; expected a finite number > 0.")
     return float(value)
 
@@ -78,7 +83,9 @@ def as_direction_list(directions: Any) -> list[Mapping[str, Any]]:
         if not 1 <= len(directions) <= 2:
             raise ValueError(f"`directions` holds {len(directions)} directions; expected 1 or 2.")
         return directions
-    raise ValueError(f"`directions` is a {type(directions).__name__}; expected one direction (a dict) or a list of 1 or 2.")
+    raise ValueError(
+        f"`directions` is a {type(directions).__name__}; expected one direction (a dict) or a list of 1 or 2."
+    )
 
 
 def as_grid_coords(coords: Any, dims: int) -> list[np.ndarray]:
@@ -134,7 +141,12 @@ def check_nonnegative_float(name: str, value: Any, *, unit: str = "") -> float:
         >>> check_nonnegative_float("max_memory_mb", 256)
         256.0
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.number))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"`{name}`={value!r} is not valid; expected a finite number >= 0{unit}.")
     return float(value)
 

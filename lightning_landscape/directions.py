@@ -121,7 +121,9 @@ def _rescale(d: torch.Tensor, weight: torch.Tensor, dims: tuple[int, ...]) -> No
         d_norm = torch.linalg.vector_norm(d, dim=dims, keepdim=True)
         w_norm = torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
     # A zero-norm unit (of the direction or the weights) gets a zero direction, never NaN.
-    scale = torch.where(d_norm > 0, w_norm / torch.where(d_norm > 0, d_norm, torch.ones_like(d_norm)), torch.zeros_like(d_norm))
+    scale = torch.where(
+        d_norm > 0, w_norm / torch.where(d_norm > 0, d_norm, torch.ones_like(d_norm)), torch.zeros_like(d_norm)
+    )
     d.mul_(scale)
 
 
@@ -148,7 +150,9 @@ def check_direction(name: str, direction: object, params: Mapping[str, torch.Ten
         ValueError: `d['w']` has shape (3,); expected (2, 3), the parameter's shape.
     """
     if not isinstance(direction, Mapping):
-        raise ValueError(f"`{name}` is a {type(direction).__name__}; expected a dict of tensors keyed by parameter name.")
+        raise ValueError(
+            f"`{name}` is a {type(direction).__name__}; expected a dict of tensors keyed by parameter name."
+        )
     missing = [k for k in params if k not in direction]
     extra = [k for k in direction if k not in params]
     if missing or extra:

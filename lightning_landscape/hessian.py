@@ -46,15 +46,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lightning_landscape import _versions
-from lightning_landscape._validation import check_choice, check_positive_float, check_positive_int
-from lightning_landscape.data import ForwardFn, cache_batches, model_device
+from lightning_landscape._validation import (
+    as_direction_list,
+    as_grid_coords,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+)
+from lightning_landscape.data import BatchLoss, ForwardFn, LossFn, Reduce, cache_batches, make_batch_loss, model_device
 from lightning_landscape.directions import Direction, check_direction
-from lightning_landscape.params import trainable_parameters
+from lightning_landscape.params import set_plane_point, trainable_parameters
 from lightning_landscape.results import Landscape
 from lightning_landscape.state import preserved_state
-from lightning_landscape._validation import as_direction_list, as_grid_coords
-from lightning_landscape.data import BatchLoss, LossFn, Reduce, make_batch_loss
-from lightning_landscape.params import set_plane_point
 
 TRACE_METHODS: tuple[str, ...] = ("hutch++", "hutchinson")
 
@@ -127,7 +130,9 @@ class HessianOperator(LinearOperator):
     ) -> None:
         check_positive_int("num_batches", num_batches, allow_none=True)
         if not callable(batch_loss):
-            raise ValueError(f"`batch_loss`={batch_loss!r} is not callable; expected batch_loss(model, batch) -> (loss, n, outputs, targets).")
+            raise ValueError(
+                f"`batch_loss`={batch_loss!r} is not callable; expected batch_loss(model, batch) -> (loss, n, outputs, targets)."
+            )
         self.model = model
         self.params = list(trainable_parameters(model).values())
         #: Machine epsilon of the products' dtype: no eigenvalue is resolved more finely than ~10·eps·‖H‖.
@@ -214,7 +219,9 @@ class HessianOperator(LinearOperator):
             raise ValueError(f"the loss at the model's weights is {loss_value}; the Hessian needs a finite loss.")
         out = (sums[:size] / count).cpu().numpy()
         if not np.all(np.isfinite(out)):
-            raise ValueError("a Hessian-vector product is not finite although the loss is; the Hessian is not defined here.")
+            raise ValueError(
+                "a Hessian-vector product is not finite although the loss is; the Hessian is not defined here."
+            )
         return out
 
     def _rmatvec(self, x: np.ndarray) -> np.ndarray:
@@ -357,7 +364,9 @@ class _Budgeted(LinearOperator):
         return self._matvec(x)
 
 
-def _eigsh_end(op: LinearOperator, k: int, which: str, tol: float, v0: np.ndarray, ncv: int | None = None) -> np.ndarray:
+def _eigsh_end(
+    op: LinearOperator, k: int, which: str, tol: float, v0: np.ndarray, ncv: int | None = None
+) -> np.ndarray:
     """The ``k`` eigenvalues at one end of the spectrum (``which`` = 'LA' or 'SA') by ARPACK, descending.
 
     The fallback of :func:`_lanczos_extremes` once its basis is full. Raises ``ArpackNoConvergence``,
@@ -640,7 +649,9 @@ def _slq_density(
 # --- public analyses --------------------------------------------------------------------------
 
 
-def _resolve_batch_loss(loss_fn: LossFn | None, forward_fn: ForwardFn | None, batch_loss: BatchLoss | None) -> BatchLoss:
+def _resolve_batch_loss(
+    loss_fn: LossFn | None, forward_fn: ForwardFn | None, batch_loss: BatchLoss | None
+) -> BatchLoss:
     if batch_loss is not None:
         if loss_fn is not None or forward_fn is not None:
             raise ValueError(
@@ -648,10 +659,14 @@ def _resolve_batch_loss(loss_fn: LossFn | None, forward_fn: ForwardFn | None, ba
                 "or a `loss_fn` (with an optional `forward_fn`), not both."
             )
         if not callable(batch_loss):
-            raise ValueError(f"`batch_loss`={batch_loss!r} is not callable; expected batch_loss(model, batch) -> (loss, n, outputs, targets).")
+            raise ValueError(
+                f"`batch_loss`={batch_loss!r} is not callable; expected batch_loss(model, batch) -> (loss, n, outputs, targets)."
+            )
         return batch_loss
     if loss_fn is None:
-        raise ValueError("`loss_fn`=None and `batch_loss`=None; expected one of them to say which loss to take the Hessian of.")
+        raise ValueError(
+            "`loss_fn`=None and `batch_loss`=None; expected one of them to say which loss to take the Hessian of."
+        )
     return make_batch_loss(loss_fn, forward_fn)
 
 
@@ -676,7 +691,13 @@ def _seed_streams(seed: Any) -> list[np.random.Generator]:
 
 
 def _extremes(
-    op: HessianOperator, top_k: int, lambda_min: bool, tol: float, rng: np.random.Generator, maxiter: int | None, max_basis: int | None
+    op: HessianOperator,
+    top_k: int,
+    lambda_min: bool,
+    tol: float,
+    rng: np.random.Generator,
+    maxiter: int | None,
+    max_basis: int | None,
 ) -> tuple[np.ndarray, float | None, float | None, _LanczosResult]:
     """Top-k eigenvalues, λmin and |λmin/λmax| at the operator's current weights, from one Lanczos run."""
     result = _lanczos_extremes(op, top_k, lambda_min, tol, rng, maxiter, max_basis)
@@ -785,14 +806,22 @@ def hessian_check(
     max_basis = check_positive_int("max_basis", max_basis, allow_none=True)
     check_choice("trace_method", trace_method, TRACE_METHODS)
     minimum_samples = 6 if trace_method == "hutch++" else 2
-    if isinstance(trace_samples, bool) or not isinstance(trace_samples, (int, np.integer)) or trace_samples < minimum_samples:
+    if (
+        isinstance(trace_samples, bool)
+        or not isinstance(trace_samples, (int, np.integer))
+        or trace_samples < minimum_samples
+    ):
         raise ValueError(
             f"`trace_samples`={trace_samples!r} is not valid; expected an integer >= {minimum_samples} for "
             f"`trace_method`={trace_method!r} (the standard error needs at least 2 residual samples)."
         )
     check_positive_int("density_runs", density_runs)
     check_positive_int("density_steps", density_steps)
-    if isinstance(density_grid_size, bool) or not isinstance(density_grid_size, (int, np.integer)) or density_grid_size < 2:
+    if (
+        isinstance(density_grid_size, bool)
+        or not isinstance(density_grid_size, (int, np.integer))
+        or density_grid_size < 2
+    ):
         raise ValueError(f"`density_grid_size`={density_grid_size!r} is not valid; expected an integer >= 2.")
     density_sigma = check_positive_float("density_sigma", density_sigma)
     eig_rng, trace_rng, density_rng = _seed_streams(seed)
@@ -814,7 +843,9 @@ def hessian_check(
         grid = values = None
         if density:
             bounds = (low, float(top[0]))
-            grid, values = _slq_density(op, density_runs, density_steps, int(density_grid_size), density_sigma, bounds, density_rng)
+            grid, values = _slq_density(
+                op, density_runs, density_steps, int(density_grid_size), density_sigma, bounds, density_rng
+            )
     metadata: dict[str, Any] = {
         "kind": "hessian",
         "top_k": top_k,
@@ -835,7 +866,10 @@ def hessian_check(
         metadata.update(trace_method=trace_method, trace_samples=int(trace_samples))
     if density:
         metadata.update(
-            density_runs=density_runs, density_steps=density_steps, density_sigma=density_sigma, density_grid_size=int(density_grid_size)
+            density_runs=density_runs,
+            density_steps=density_steps,
+            density_sigma=density_sigma,
+            density_grid_size=int(density_grid_size),
         )
     return HessianReport(
         eigenvalues=top,

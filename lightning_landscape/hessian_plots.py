@@ -6,7 +6,6 @@ is a ``matplotlib.figure.Figure`` with an Agg canvas, safe in headless jobs.
 
 from __future__ import annotations
 
-
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -14,6 +13,7 @@ from lightning_landscape.hessian import HessianReport
 from lightning_landscape.plots import _axis_labels, _new_figure
 from lightning_landscape.plots import _masked as _masked_values
 from lightning_landscape.results import Landscape
+
 
 def _mark_extremes(ax, report: HessianReport) -> None:
     ax.axvline(report.lambda_max, color="tab:red", lw=0.9, ls="--", label=f"λmax = {report.lambda_max:.4g}")
@@ -98,7 +98,9 @@ def plot_ratio_map(landscape: Landscape, *, levels: int = 20, title: str | None 
         ['|λmin / λmax|', 'loss contours']
     """
     if "ratio" not in landscape.values:
-        raise ValueError(f"`landscape` has values {sorted(landscape.values)}; expected a 'ratio' entry from ratio_map().")
+        raise ValueError(
+            f"`landscape` has values {sorted(landscape.values)}; expected a 'ratio' entry from ratio_map()."
+        )
     fig = _new_figure(figsize=(10.5, 4.5))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     xl, yl = _axis_labels(landscape)
@@ -116,7 +118,14 @@ def plot_ratio_map(landscape: Landscape, *, levels: int = 20, title: str | None 
         mesh = left.pcolormesh(x, y, ratio.T, shading="nearest", cmap="viridis")
         fig.colorbar(mesh, ax=left, label="|λmin / λmax|")
         if loss.count() > 1 and np.ptp(loss.compressed()) > 0 and min(landscape.shape) > 1:
-            cs = right.contour(x, y, loss.T, levels=np.linspace(float(loss.min()), float(loss.max()), levels), cmap="viridis", linewidths=0.9)
+            cs = right.contour(
+                x,
+                y,
+                loss.T,
+                levels=np.linspace(float(loss.min()), float(loss.max()), levels),
+                cmap="viridis",
+                linewidths=0.9,
+            )
             right.clabel(cs, inline=True, fontsize=7, fmt="%.3g")
         else:  # too few points or a flat loss: contours are undefined, show the points instead
             grid_x, grid_y = np.meshgrid(x, y, indexing="ij")

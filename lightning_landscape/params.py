@@ -74,7 +74,9 @@ def flatten_parameters(
         raise ValueError("`names` is empty; expected at least one parameter name.")
     missing = [n for n in names if n not in params]
     if missing:
-        raise ValueError(f"`names` holds {short_list(missing)}, not found in `params`; expected names from {short_list(list(params))}.")
+        raise ValueError(
+            f"`names` holds {short_list(missing)}, not found in `params`; expected names from {short_list(list(params))}."
+        )
     tensors = []
     for n in names:
         t = params[n]
@@ -106,12 +108,16 @@ def unflatten_vector(vec: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dic
         ([[0.0, 1.0], [2.0, 3.0]], torch.float64)
     """
     if not isinstance(like, Mapping) or not like:
-        raise ValueError(f"`like`={type(like).__name__} is not valid; expected a non-empty dict of tensors keyed by parameter name.")
+        raise ValueError(
+            f"`like`={type(like).__name__} is not valid; expected a non-empty dict of tensors keyed by parameter name."
+        )
     if not isinstance(vec, torch.Tensor):
         raise ValueError(f"`vec` is a {type(vec).__name__}; expected a 1-D tensor.")
     total = sum(int(t.numel()) for t in like.values())
     if vec.numel() != total:
-        raise ValueError(f"`vec` has {vec.numel()} elements; expected {total}, the total size of the tensors in `like`.")
+        raise ValueError(
+            f"`vec` has {vec.numel()} elements; expected {total}, the total size of the tensors in `like`."
+        )
     flat = vec.detach().reshape(-1)
     out: dict[str, torch.Tensor] = {}
     offset = 0

@@ -56,7 +56,9 @@ def _levels(values: np.ma.MaskedArray, levels: int) -> np.ndarray | int:
     return np.geomspace(lo, hi, levels) if lo > 0 else np.linspace(lo, hi, levels)
 
 
-def plot_curve(landscape: Landscape, *, metric: str | None = None, log_scale: bool = False, title: str | None = None) -> Figure:
+def plot_curve(
+    landscape: Landscape, *, metric: str | None = None, log_scale: bool = False, title: str | None = None
+) -> Figure:
     """A 1-D landscape as a curve of the loss, with ``metric`` (if given) on a twin axis.
 
     Example:
@@ -151,7 +153,9 @@ def plot_contour(
     return fig
 
 
-def plot_heatmap(landscape: Landscape, *, log_scale: bool = False, value: str = "loss", title: str | None = None) -> Figure:
+def plot_heatmap(
+    landscape: Landscape, *, log_scale: bool = False, value: str = "loss", title: str | None = None
+) -> Figure:
     """A 2-D landscape as a heat map (NaN points left blank).
 
     Example:
@@ -174,7 +178,9 @@ def plot_heatmap(landscape: Landscape, *, log_scale: bool = False, value: str = 
     return fig
 
 
-def plot_surface_3d(landscape: Landscape, *, log_scale: bool = False, value: str = "loss", title: str | None = None) -> Figure:
+def plot_surface_3d(
+    landscape: Landscape, *, log_scale: bool = False, value: str = "loss", title: str | None = None
+) -> Figure:
     """A 2-D landscape as a 3-D surface (``log10`` of the value with ``log_scale``).
 
     Example:

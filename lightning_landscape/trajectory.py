@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_landscape._validation import check_choice, check_positive_int, short_list
+from lightning_landscape._validation import check_choice, check_positive_int
 from lightning_landscape.params import flatten_parameters, unflatten_vector
 
 __all__ = [
@@ -139,7 +139,9 @@ def _io_exact(f: Any, view: memoryview, offset: int, write: bool, path: Path) ->
         got = f.write(view[done:]) if write else f.readinto(view[done:])
         if not got:
             what = "write to" if write else "read from"
-            raise OSError(f"{path}: could not {what} the snapshot file ({done} of {view.nbytes} bytes at offset {offset}).")
+            raise OSError(
+                f"{path}: could not {what} the snapshot file ({done} of {view.nbytes} bytes at offset {offset})."
+            )
         done += got
 
 
@@ -158,7 +160,9 @@ def check_writable_dir(path: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
             pass
     except OSError as err:
-        raise ValueError(f"`snapshot_dir`={str(path)!r} cannot be written ({err}); expected a writable directory.") from err
+        raise ValueError(
+            f"`snapshot_dir`={str(path)!r} cannot be written ({err}); expected a writable directory."
+        ) from err
 
 
 def check_max_memory_mb(value: Any) -> float:
@@ -168,7 +172,12 @@ def check_max_memory_mb(value: Any) -> float:
         >>> check_max_memory_mb(256)
         256.0
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.number))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(
             f"`max_memory_mb`={value!r} is not valid; expected a finite number >= 0 (MiB); use storage='memory' for no limit."
         )
@@ -246,7 +255,9 @@ class SnapshotStore:
         max_memory_mb = check_max_memory_mb(max_memory_mb)
         block_rows = check_positive_int("block_rows", block_rows, allow_none=True)
         if prefix is not None and (not isinstance(prefix, str) or not prefix or os.sep in prefix or "/" in prefix):
-            raise ValueError(f"`prefix`={prefix!r} is not valid; expected a non-empty file-name prefix without path separators.")
+            raise ValueError(
+                f"`prefix`={prefix!r} is not valid; expected a non-empty file-name prefix without path separators."
+            )
         directory = None if snapshot_dir is None else Path(snapshot_dir)
         if directory is not None and storage != "memory":
             check_writable_dir(directory)
@@ -374,9 +385,20 @@ class SnapshotStore:
             ([0.0999755859375, 2.0], [1])
         """
         self._check_open()
-        if not isinstance(vec, torch.Tensor) or not vec.is_floating_point() or vec.dim() != 1 or vec.numel() != self._num_params:
-            got = f"shape {tuple(vec.shape)} and dtype {vec.dtype}" if isinstance(vec, torch.Tensor) else type(vec).__name__
-            raise ValueError(f"`vec` has {got}; expected a 1-D floating tensor of {self._num_params} elements (`num_params`).")
+        if (
+            not isinstance(vec, torch.Tensor)
+            or not vec.is_floating_point()
+            or vec.dim() != 1
+            or vec.numel() != self._num_params
+        ):
+            got = (
+                f"shape {tuple(vec.shape)} and dtype {vec.dtype}"
+                if isinstance(vec, torch.Tensor)
+                else type(vec).__name__
+            )
+            raise ValueError(
+                f"`vec` has {got}; expected a 1-D floating tensor of {self._num_params} elements (`num_params`)."
+            )
         for name, value in (("step", step), ("epoch", epoch)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise ValueError(f"`{name}`={value!r} is not valid; expected an integer.")
@@ -416,7 +438,9 @@ class SnapshotStore:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("this SnapshotStore is closed; create a new one or resume with SnapshotStore.from_state_dict.")
+            raise RuntimeError(
+                "this SnapshotStore is closed; create a new one or resume with SnapshotStore.from_state_dict."
+            )
 
     def _locate(self, i: int) -> tuple[int, int]:
         """(block index, row within the block) of snapshot ``i``."""
@@ -462,7 +486,9 @@ class SnapshotStore:
                 if new_rows < 1 or self._capacity + new_rows < rows:
                     self._spill_to_disk()
                     continue
-            self._blocks.append(_Block(new_rows, tensor=torch.empty((new_rows, self._num_params), dtype=self._torch_dtype)))
+            self._blocks.append(
+                _Block(new_rows, tensor=torch.empty((new_rows, self._num_params), dtype=self._torch_dtype))
+            )
             self._capacity += new_rows
 
     def _ensure_dir(self) -> Path:
@@ -511,7 +537,9 @@ class SnapshotStore:
         if self._storage == "disk":
             return
         if self._requested_storage == "memory":
-            raise ValueError("this store was created with `storage`='memory'; expected 'auto' or 'disk' to move it to disk.")
+            raise ValueError(
+                "this store was created with `storage`='memory'; expected 'auto' or 'disk' to move it to disk."
+            )
         self._flush_pending()
         self._spill_to_disk()
 
@@ -625,11 +653,19 @@ class SnapshotStore:
         size = (stop - start) * min(cols, self._num_params)
         if out is None:
             buffer = torch.empty(size, dtype=dtype)
-        elif isinstance(out, torch.Tensor) and out.dtype == dtype and out.dim() == 1 and out.is_contiguous() and out.numel() >= size:
+        elif (
+            isinstance(out, torch.Tensor)
+            and out.dtype == dtype
+            and out.dim() == 1
+            and out.is_contiguous()
+            and out.numel() >= size
+        ):
             buffer = out
         else:
             got = f"a {tuple(out.shape)} {out.dtype} tensor" if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"`out` is {got}; expected a contiguous 1-D {dtype} CPU tensor of at least {size} elements.")
+            raise ValueError(
+                f"`out` is {got}; expected a contiguous 1-D {dtype} CPU tensor of at least {size} elements."
+            )
         with _BlockReader(self) as reader:
             for a in range(0, self._num_params, cols):
                 b = min(self._num_params, a + cols)
@@ -717,14 +753,29 @@ class SnapshotStore:
             ...     store.close(); again.close()
             2 [1.0, 1.0]
         """
-        keys = ("num_params", "dtype", "storage", "requested_storage", "max_memory_mb", "block_rows", "files", "count", "steps", "epochs")
+        keys = (
+            "num_params",
+            "dtype",
+            "storage",
+            "requested_storage",
+            "max_memory_mb",
+            "block_rows",
+            "files",
+            "count",
+            "steps",
+            "epochs",
+        )
         if not isinstance(state_dict, Mapping) or any(k not in state_dict for k in keys):
             got = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
-            raise ValueError(f"`state_dict` has keys {got}; expected the output of SnapshotStore.state_dict() with keys {list(keys)}.")
+            raise ValueError(
+                f"`state_dict` has keys {got}; expected the output of SnapshotStore.state_dict() with keys {list(keys)}."
+            )
         sd = state_dict
         count = int(sd["count"])
         if len(sd["steps"]) != count or len(sd["epochs"]) != count:
-            raise ValueError(f"`state_dict` records {count} snapshots but {len(sd['steps'])} steps and {len(sd['epochs'])} epochs; expected equal counts.")
+            raise ValueError(
+                f"`state_dict` records {count} snapshots but {len(sd['steps'])} steps and {len(sd['epochs'])} epochs; expected equal counts."
+            )
         directory = None if sd.get("snapshot_dir") is None else Path(sd["snapshot_dir"])
         store = cls.__new__(cls)
         store._setup(
@@ -757,7 +808,9 @@ class SnapshotStore:
                 if not os.access(path, os.W_OK):
                     raise OSError("not writable")
             except (OSError, ValueError) as err:
-                raise ValueError(f"`state_dict['files']` entry {str(path)!r} cannot be opened ({err}); expected the store's .npy file.") from err
+                raise ValueError(
+                    f"`state_dict['files']` entry {str(path)!r} cannot be opened ({err}); expected the store's .npy file."
+                ) from err
             if dtype != np_dtype or fortran or len(shape) != 2 or shape[1] != store._num_params:
                 raise ValueError(
                     f"`state_dict['files']` entry {str(path)!r} holds {dtype} of shape {shape}; "
@@ -766,7 +819,9 @@ class SnapshotStore:
             store._blocks.append(_Block(int(shape[0]), path=path, offset=offset))
             store._capacity += int(shape[0])
         if store._capacity < count:
-            raise ValueError(f"`state_dict['files']` hold {store._capacity} rows; expected at least the recorded {count} snapshots.")
+            raise ValueError(
+                f"`state_dict['files']` hold {store._capacity} rows; expected at least the recorded {count} snapshots."
+            )
         if store._blocks and store._dir is None:
             store._dir = store._blocks[0].path.parent  # type: ignore[union-attr]
         store._count = count
@@ -847,7 +902,9 @@ class _BlockReader:
             self._files.move_to_end(index)
         item, num_params = store._itemsize, store._num_params
         if a == 0 and b == num_params:  # whole rows: one contiguous range
-            _io_exact(f, memoryview(target.reshape(-1)).cast("B"), block.offset + r0 * num_params * item, False, block.path)  # type: ignore[arg-type]
+            _io_exact(
+                f, memoryview(target.reshape(-1)).cast("B"), block.offset + r0 * num_params * item, False, block.path
+            )  # type: ignore[arg-type]
         else:
             for i in range(shape[0]):
                 offset = block.offset + ((r0 + i) * num_params + a) * item
@@ -956,7 +1013,9 @@ def _flat_slicer(final: Any, num_params: int) -> Any:
     pieces = [t.detach().reshape(-1) for t in tensors]
     offsets = np.cumsum([0] + [p.numel() for p in pieces])
     if offsets[-1] != num_params:
-        raise ValueError(f"`final` holds {int(offsets[-1])} elements in all; expected {num_params} (the store's `num_params`).")
+        raise ValueError(
+            f"`final` holds {int(offsets[-1])} elements in all; expected {num_params} (the store's `num_params`)."
+        )
 
     def part(a: int, b: int) -> torch.Tensor:
         first = int(np.searchsorted(offsets, a, side="right")) - 1
@@ -1078,7 +1137,9 @@ def trajectory_pca(
     num_params = store.num_params
     final_part = _flat_slicer(final, num_params)
     if n_components > num_params:
-        raise ValueError(f"`n_components`={n_components} is not valid; expected at most {num_params}, the number of parameters.")
+        raise ValueError(
+            f"`n_components`={n_components} is not valid; expected at most {num_params}, the number of parameters."
+        )
     count = len(store)
     if count < MIN_SNAPSHOTS:
         raise TooFewSnapshotsError(count)
@@ -1233,12 +1294,19 @@ def path_range(path: Any, margin: float = 0.25) -> list[np.ndarray]:
         >>> [b.tolist() for b in path_range(path, margin=0.5)]
         [[-1.0, 3.0], [-2.0, 2.0]]
     """
-    if isinstance(margin, bool) or not isinstance(margin, (int, float, np.number)) or not math.isfinite(margin) or margin < 0:
+    if (
+        isinstance(margin, bool)
+        or not isinstance(margin, (int, float, np.number))
+        or not math.isfinite(margin)
+        or margin < 0
+    ):
         raise ValueError(f"`margin`={margin!r} is not valid; expected a finite number >= 0.")
     try:
         points = np.asarray(path, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"`path` is not valid ({err}); expected a 2-D array of finite coordinates (points x axes).") from err
+        raise ValueError(
+            f"`path` is not valid ({err}); expected a 2-D array of finite coordinates (points x axes)."
+        ) from err
     if points.ndim != 2 or points.shape[0] == 0 or points.shape[1] == 0:
         raise ValueError(f"`path` has shape {points.shape}; expected a non-empty 2-D array (points x axes).")
     if not np.all(np.isfinite(points)):

@@ -12,8 +12,15 @@ from examples.digits import DigitsClassifier, DigitsDataModule
 
 
 def small_fit(
-    tmp_path, callbacks=(), *, logger: Any = False, max_epochs: int = 2, seed: int = 0, shuffle: bool = True,
-    ckpt_path: str | None = None, **trainer_kwargs,
+    tmp_path,
+    callbacks=(),
+    *,
+    logger: Any = False,
+    max_epochs: int = 2,
+    seed: int = 0,
+    shuffle: bool = True,
+    ckpt_path: str | None = None,
+    **trainer_kwargs,
 ):
     """Fit the digits CNN for a few steps on CPU; returns (trainer, model, datamodule)."""
     pl.seed_everything(seed, verbose=False)

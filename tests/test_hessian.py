@@ -192,7 +192,9 @@ def test_float32_model_lambda_max():
 def test_trace_within_three_standard_errors(method):
     model, data = make_problem("cnn")
     exact = np.trace(exact_hessian(model, data))
-    report = hessian_check(model, data, F.cross_entropy, lambda_min=False, trace=True, trace_method=method, trace_samples=30)
+    report = hessian_check(
+        model, data, F.cross_entropy, lambda_min=False, trace=True, trace_method=method, trace_samples=30
+    )
     assert report.trace_stderr > 0
     assert abs(report.trace - exact) < 3 * report.trace_stderr
 
@@ -222,7 +224,9 @@ def test_density_of_known_spectrum_is_the_broadened_eigenvalues():
     # Full Lanczos from a Rademacher vector gives every eigenvalue weight 1/6 whatever the vector.
     (grid, density), width = report.density, sigma * 11.0
     assert grid[0] == pytest.approx(-1.0 - 3 * width) and grid[-1] == pytest.approx(10.0 + 3 * width)
-    gauss = np.exp(-0.5 * ((grid[:, None] - curvatures.numpy()[None, :]) / width) ** 2) / (width * math.sqrt(2 * math.pi))
+    gauss = np.exp(-0.5 * ((grid[:, None] - curvatures.numpy()[None, :]) / width) ** 2) / (
+        width * math.sqrt(2 * math.pi)
+    )
     np.testing.assert_allclose(density, gauss.mean(axis=1), rtol=1e-6, atol=1e-9)
     assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=1e-3)
 
@@ -435,7 +439,9 @@ def test_zero_hessian_gives_zero_ratio_without_warnings_or_nan():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        report = hessian_check(model, data, loss_independent_of_weights, top_k=2, trace=True, density=True, density_steps=5)
+        report = hessian_check(
+            model, data, loss_independent_of_weights, top_k=2, trace=True, density=True, density_steps=5
+        )
     assert report.ratio == 0.0 and report.lambda_max == 0.0 and report.lambda_min == 0.0
     assert np.array_equal(report.eigenvalues, np.zeros(2)) and report.trace == 0.0
     assert np.all(np.isfinite(report.density.values))
@@ -537,7 +543,9 @@ def test_report_save_load_round_trip(tmp_path):
             for a, b in zip(report.density, back.density):
                 assert np.array_equal(a, b) and b.dtype == np.float64
         with np.load(report.save(tmp_path / f"{name}-plain.npz")) as arrays:  # plain array names in the file
-            assert set(arrays.files) == {"eigenvalues", "metadata_json"} | ({"density_grid", "density"} if report.density else set())
+            assert set(arrays.files) == {"eigenvalues", "metadata_json"} | (
+                {"density_grid", "density"} if report.density else set()
+            )
         for attr in ("lambda_max", "lambda_min", "ratio", "trace", "trace_stderr", "loss", "num_hvp", "seconds"):
             assert getattr(back, attr) == getattr(report, attr), attr
         assert back.metadata == report.metadata

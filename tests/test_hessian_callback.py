@@ -18,7 +18,6 @@ from lightning_landscape import HessianReport, HessianSpectrum, LossSurface
 from lightning_landscape.state import capture_state
 
 
-
 def exact_hessian_eigenvalues(model, x, y) -> np.ndarray:
     """Dense Hessian of the eval-mode mean cross-entropy w.r.t. all trainable weights (float64)."""
     model = model.double().eval()
@@ -47,8 +46,15 @@ def fit_with(tmp_path, callbacks, logger=False):
     pl.seed_everything(0)
     model = DigitsClassifier(channels=2)
     dm = DigitsDataModule(batch_size=32, num_train=96, shuffle=False)
-    trainer = pl.Trainer(max_epochs=2, callbacks=callbacks, logger=logger, enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=callbacks,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, dm)
     x, y = dm.train_set.tensors
     return trainer, model, x[:32], y[:32]
@@ -114,8 +120,9 @@ def test_model_state_unchanged_by_the_analysis(tmp_path):
 
 
 def test_ratio_map_center_matches_the_exact_ratio(tmp_path):
-    surface = LossSurface(resolution=3, ratio_map=True, ratio_resolution=3, num_batches=1, dirpath=str(tmp_path / "out"),
-                          progress=False)
+    surface = LossSurface(
+        resolution=3, ratio_map=True, ratio_resolution=3, num_batches=1, dirpath=str(tmp_path / "out"), progress=False
+    )
     trainer, model, x, y = fit_with(tmp_path, [surface])
     exact = exact_hessian_eigenvalues(model, x, y)
     ratio = surface.ratio_landscape

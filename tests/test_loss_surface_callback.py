@@ -52,7 +52,10 @@ def _leet_text(run_dir: Path) -> str:
     wandb_file = next(run_dir.glob("run-*.wandb"))
     out = subprocess.run(
         [sys.executable, "-m", "wandb", "leet", "inspect", str(wandb_file)],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "WANDB_MODE": "offline"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "WANDB_MODE": "offline"},
     )
     return out.stdout
 
@@ -118,7 +121,9 @@ def _final_weights(tmp_path, callbacks):
 
 def test_training_is_bit_for_bit_the_same_with_the_callback(tmp_path):
     plain = _final_weights(tmp_path / "a", [])
-    with_cb = _final_weights(tmp_path / "b", [LossSurface(resolution=3, every_n_epochs=1, progress=False, metrics=["accuracy"])])
+    with_cb = _final_weights(
+        tmp_path / "b", [LossSurface(resolution=3, every_n_epochs=1, progress=False, metrics=["accuracy"])]
+    )
     assert plain.keys() == with_cb.keys()
     for k in plain:
         assert torch.equal(plain[k], with_cb[k]), k
@@ -150,14 +155,23 @@ def test_loss_fn_and_landscape_step_take_precedence(tmp_path):
 
     pl.seed_everything(0)
     cb = LossSurface(dims=1, resolution=3, progress=False)
-    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, default_root_dir=tmp_path, limit_train_batches=2)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[cb],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        limit_train_batches=2,
+    )
     model = WithLandscapeStep(channels=4)
     dm = DigitsDataModule(batch_size=32, num_train=64)
     trainer.fit(model, dm)
     assert calls["landscape_step"] == 3 * 2  # 3 points x 2 batches
     doubled = cb.landscape.metadata["center_loss"]
-    assert doubled == pytest.approx(2 * eval_loss(model, torch.utils.data.DataLoader(dm.train_set, batch_size=64)), rel=1e-5)
+    assert doubled == pytest.approx(
+        2 * eval_loss(model, torch.utils.data.DataLoader(dm.train_set, batch_size=64)), rel=1e-5
+    )
 
     cb2 = LossSurface(dims=1, resolution=3, progress=False, loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]) * 3.0)
     cb2.run(trainer, model)
@@ -167,7 +181,9 @@ def test_loss_fn_and_landscape_step_take_precedence(tmp_path):
 
 def test_sees_the_weights_swapped_in_by_swa(tmp_path):
     cb = LossSurface(dims=1, resolution=3, progress=False)
-    trainer, model, dm = small_fit(tmp_path, [StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1), cb], max_epochs=3)
+    trainer, model, dm = small_fit(
+        tmp_path, [StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1), cb], max_epochs=3
+    )
     expected = eval_loss(model, torch.utils.data.DataLoader(dm.train_set, batch_size=64))
     assert cb.landscape.metadata["center_loss"] == pytest.approx(expected, rel=1e-5)
 
@@ -206,9 +222,17 @@ def test_val_without_val_loader_fails_before_training(tmp_path):
             steps["n"] += 1
             return super().training_step(batch, batch_idx)
 
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))))
-    trainer = pl.Trainer(max_epochs=1, callbacks=[LossSurface(data="val")], logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, default_root_dir=tmp_path)
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+    )
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[LossSurface(data="val")],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(MisconfigurationException, match="data='val'.*no val_dataloader"):
         trainer.fit(Counting(channels=4), train_dataloaders=data)
     assert steps["n"] == 0
@@ -217,23 +241,40 @@ def test_val_without_val_loader_fails_before_training(tmp_path):
 def _run_cli(tmp_path, *args):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     Path(tmp_path).mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(ROOT / "examples" / "train.py"), "fit", "--trainer.max_epochs=1",
-           "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
-           "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", *args]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "train.py"),
+        "fit",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
 
 
 def test_cli_flags_add_the_callback_and_enabled_false_turns_it_off(tmp_path):
-    out = _run_cli(tmp_path / "on", "--trainer.callbacks+=lightning_landscape.LossSurface",
-                   "--trainer.callbacks.resolution=3", "--trainer.callbacks.dims=1",
-                   f"--trainer.callbacks.dirpath={tmp_path / 'on' / 'ls'}")
+    out = _run_cli(
+        tmp_path / "on",
+        "--trainer.callbacks+=lightning_landscape.LossSurface",
+        "--trainer.callbacks.resolution=3",
+        "--trainer.callbacks.dims=1",
+        f"--trainer.callbacks.dirpath={tmp_path / 'on' / 'ls'}",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     ls = Landscape.load(tmp_path / "on" / "ls" / "loss_surface.npz")
     assert ls.loss.shape == (3,) and np.isfinite(ls.loss).all()
     assert "lightning_landscape results" in out.stdout
 
-    off = _run_cli(tmp_path / "off", "--trainer.callbacks+=lightning_landscape.LossSurface",
-                   "--trainer.callbacks.enabled=false", f"--trainer.callbacks.dirpath={tmp_path / 'off' / 'ls'}")
+    off = _run_cli(
+        tmp_path / "off",
+        "--trainer.callbacks+=lightning_landscape.LossSurface",
+        "--trainer.callbacks.enabled=false",
+        f"--trainer.callbacks.dirpath={tmp_path / 'off' / 'ls'}",
+    )
     assert off.returncode == 0, off.stderr[-3000:]
     assert not (tmp_path / "off" / "ls").exists()
 

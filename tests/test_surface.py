@@ -290,8 +290,13 @@ def test_model_restored_bit_for_bit_after_surface_and_interpolation():
     before = capture_state(model)
     grad_values = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     rng_before = torch.get_rng_state()
-    loss_surface(model, data, [random_direction(model, seed=0), random_direction(model, seed=1)],
-                 [np.linspace(-1, 1, 3)] * 2, loss_fn=F.cross_entropy)
+    loss_surface(
+        model,
+        data,
+        [random_direction(model, seed=0), random_direction(model, seed=1)],
+        [np.linspace(-1, 1, 3)] * 2,
+        loss_fn=F.cross_entropy,
+    )
     interpolate(model, model.state_dict(), other, np.linspace(-0.5, 1.5, 3), data, loss_fn=F.cross_entropy)
     assert_state_equal(model, before)
     assert torch.equal(torch.get_rng_state(), rng_before)

@@ -22,7 +22,9 @@ class Recorder(Callback):
         self.rows = []
 
     def _take(self, module):
-        self.rows.append(torch.cat([p.detach().flatten().double() for p in module.parameters() if p.requires_grad]).numpy())
+        self.rows.append(
+            torch.cat([p.detach().flatten().double() for p in module.parameters() if p.requires_grad]).numpy()
+        )
 
     def on_fit_start(self, trainer, pl_module):
         self._take(pl_module)
@@ -50,7 +52,9 @@ def test_pca_and_path_match_numpy_svd_of_the_recorded_trajectory(tmp_path):
     np.testing.assert_array_equal(got[-1], [0.0, 0.0])
     for k in range(2):
         sign = np.sign(got[0, k] * expected_path[0, k])
-        np.testing.assert_allclose(got[:-1, k], sign * expected_path[:, k], rtol=1e-3, atol=1e-5 * np.abs(expected_path).max())
+        np.testing.assert_allclose(
+            got[:-1, k], sign * expected_path[:, k], rtol=1e-3, atol=1e-5 * np.abs(expected_path).max()
+        )
     # The saved arrays have plain names and the surface is centred on the final weights.
     ls = Landscape.load(tmp_path / "out" / "trajectory.npz")
     np.testing.assert_allclose(ls.extras["explained_variance_ratio"], cb.pca.explained_variance_ratio)
@@ -65,8 +69,14 @@ def test_pca_and_path_match_numpy_svd_of_the_recorded_trajectory(tmp_path):
 def test_memory_and_disk_modes_give_the_same_result(tmp_path):
     mem = TrajectoryPCA(every_n_steps=2, resolution=3, storage="memory", dirpath=str(tmp_path / "m"), progress=False)
     small_fit(tmp_path / "a", [mem])
-    disk = TrajectoryPCA(every_n_steps=2, resolution=3, storage="disk", snapshot_dir=str(tmp_path / "snaps"),
-                         dirpath=str(tmp_path / "d"), progress=False)
+    disk = TrajectoryPCA(
+        every_n_steps=2,
+        resolution=3,
+        storage="disk",
+        snapshot_dir=str(tmp_path / "snaps"),
+        dirpath=str(tmp_path / "d"),
+        progress=False,
+    )
     small_fit(tmp_path / "b", [disk])
     assert list((tmp_path / "snaps").glob("*.npy"))
     np.testing.assert_allclose(mem.pca.explained_variance_ratio, disk.pca.explained_variance_ratio, rtol=1e-6)
@@ -109,9 +119,13 @@ def test_callback_added_when_resuming_starts_at_the_restored_step(tmp_path):
 @pytest.mark.parametrize("storage", ["disk", "auto"])  # auto: in memory until the first checkpoint moves it to disk
 def test_state_dict_is_plain_and_resume_continues_the_same_trajectory(tmp_path, storage):
     def run(root, max_epochs, ckpt_path=None, snapshot_dir=None):
-        cb = TrajectoryPCA(every_n_steps=1, resolution=3, storage=storage, snapshot_dir=str(snapshot_dir), progress=False)
+        cb = TrajectoryPCA(
+            every_n_steps=1, resolution=3, storage=storage, snapshot_dir=str(snapshot_dir), progress=False
+        )
         ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1)
-        small_fit(root, [cb, ckpt], max_epochs=max_epochs, shuffle=False, ckpt_path=ckpt_path, enable_checkpointing=True)
+        small_fit(
+            root, [cb, ckpt], max_epochs=max_epochs, shuffle=False, ckpt_path=ckpt_path, enable_checkpointing=True
+        )
         return cb
 
     full = run(tmp_path / "full", 3, snapshot_dir=tmp_path / "full_snaps")
@@ -124,7 +138,9 @@ def test_state_dict_is_plain_and_resume_continues_the_same_trajectory(tmp_path, 
     torch.load(path, weights_only=True)  # counters and paths only, no pickled objects
     resumed = run(tmp_path / "part", 3, ckpt_path=str(ckpt), snapshot_dir=tmp_path / "part_snaps")
     assert first.pca.steps == list(range(7))
-    assert first.store.storage == "disk" and len(list((tmp_path / "part_snaps").glob("*.npy"))) >= 1  # kept for the resume
+    assert (
+        first.store.storage == "disk" and len(list((tmp_path / "part_snaps").glob("*.npy"))) >= 1
+    )  # kept for the resume
     assert resumed.pca.steps == full.pca.steps == list(range(19))
     np.testing.assert_allclose(resumed.pca.explained_variance_ratio, full.pca.explained_variance_ratio, rtol=1e-6)
     np.testing.assert_allclose(resumed.pca.path, full.pca.path, rtol=1e-5, atol=1e-7)
@@ -132,7 +148,9 @@ def test_state_dict_is_plain_and_resume_continues_the_same_trajectory(tmp_path, 
 
 def test_too_few_snapshots_warns_without_figure(tmp_path):
     cb = TrajectoryPCA(every_n_epochs=5, dirpath=str(tmp_path / "out"), progress=False)
-    with pytest.warns(UserWarning, match=r"TrajectoryPCA: 1 snapshot\(s\) were taken and the PCA needs at least 3.*now 5"):
+    with pytest.warns(
+        UserWarning, match=r"TrajectoryPCA: 1 snapshot\(s\) were taken and the PCA needs at least 3.*now 5"
+    ):
         small_fit(tmp_path, [cb], max_epochs=1)
     assert cb.pca is None and not (tmp_path / "out").exists()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+
 import numpy as np
 import pytest
 import torch
@@ -234,11 +235,15 @@ def test_column_blocks_reuse_one_buffer_and_check_out(tmp_path):
     snaps = torch.randn(5, 9)
     store = fill(SnapshotStore(9, storage="disk", snapshot_dir=tmp_path, block_rows=2), snaps)
     out = torch.empty(3 * 4)
-    blocks = [(a, b, blk.clone(), blk.data_ptr()) for a, b, blk in store.iter_column_blocks(4, start=1, stop=4, out=out)]
+    blocks = [
+        (a, b, blk.clone(), blk.data_ptr()) for a, b, blk in store.iter_column_blocks(4, start=1, stop=4, out=out)
+    ]
     assert [(a, b) for a, b, _, _ in blocks] == [(0, 4), (4, 8), (8, 9)]
     assert {ptr for *_, ptr in blocks} == {out.data_ptr()}  # every block is a view of `out`
     torch.testing.assert_close(torch.cat([blk for _, _, blk, _ in blocks], dim=1), snaps[1:4], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="`out` is a \\(11,\\) torch.float32 tensor; expected a contiguous 1-D torch.float32"):
+    with pytest.raises(
+        ValueError, match="`out` is a \\(11,\\) torch.float32 tensor; expected a contiguous 1-D torch.float32"
+    ):
         next(store.iter_column_blocks(4, start=1, stop=4, out=torch.empty(11)))
     with pytest.raises(ValueError, match="`start`=5"):
         next(store.iter_column_blocks(4, start=5, stop=4))
@@ -253,7 +258,9 @@ def test_memory_disk_and_auto_spill_give_the_same_result(tmp_path):
     memory = fill(SnapshotStore(50, storage="memory"), snaps)
     disk = fill(SnapshotStore(50, storage="disk", snapshot_dir=tmp_path / "disk", block_rows=4), snaps)
     # Budget of 3 snapshots: the store starts in memory and moves to disk at the 4th.
-    auto = SnapshotStore(50, storage="auto", max_memory_mb=3 * 50 * 4 / 2**20, snapshot_dir=tmp_path / "auto", block_rows=2)
+    auto = SnapshotStore(
+        50, storage="auto", max_memory_mb=3 * 50 * 4 / 2**20, snapshot_dir=tmp_path / "auto", block_rows=2
+    )
     fill(auto, snaps[:3])
     assert auto.storage == "memory" and auto.files == []
     fill(auto, snaps[3:], first_step=3)
@@ -360,7 +367,10 @@ def _assert_plain(value):
 
 
 def test_state_dict_is_plain_and_loads_with_weights_only(tmp_path):
-    store = fill(SnapshotStore(6, dtype="bfloat16", storage="disk", snapshot_dir=tmp_path / "snaps", block_rows=2), torch.randn(5, 6))
+    store = fill(
+        SnapshotStore(6, dtype="bfloat16", storage="disk", snapshot_dir=tmp_path / "snaps", block_rows=2),
+        torch.randn(5, 6),
+    )
     sd = store.state_dict()
     _assert_plain(sd)
     assert sd["count"] == 5 and sd["dtype"] == "bfloat16" and len(sd["files"]) == 3

@@ -12,10 +12,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from lightning_landscape.data import count_samples, default_forward, model_device
+from lightning_landscape.data import BatchLoss, cache_batches, count_samples, default_forward, model_device
 from lightning_landscape.state import preserved_state
-from lightning_landscape.data import cache_batches
-from lightning_landscape.data import BatchLoss
 from lightning_landscape.surface import GridEvaluator
 
 #: ``loss_fn(module, batch) -> Tensor``: the batch-mean loss of a LightningModule.
@@ -39,7 +37,9 @@ def check_metric_names(metrics: Sequence[Any] | None) -> list[Any]:
     for m in metrics or []:
         if isinstance(m, str):
             if m not in METRIC_NAMES:
-                raise ValueError(f"`metrics` holds {m!r}; accepted names: {', '.join(map(repr, METRIC_NAMES))}, or torchmetrics objects.")
+                raise ValueError(
+                    f"`metrics` holds {m!r}; accepted names: {', '.join(map(repr, METRIC_NAMES))}, or torchmetrics objects."
+                )
         elif not all(hasattr(m, a) for a in ("update", "compute", "reset")):
             raise ValueError(f"`metrics` holds {m!r}; expected metric names or torchmetrics.Metric objects.")
         out.append(m)
@@ -87,7 +87,12 @@ def select_dataloader(trainer: pl.Trainer, data: str) -> Any:
         loaders = loop._data_source.dataloader()
     if isinstance(loaders, Mapping):
         loaders = next(iter(loaders.values()))
-    elif isinstance(loaders, (list, tuple)) and loaders and not torch.is_tensor(loaders[0]) and hasattr(loaders[0], "__iter__"):
+    elif (
+        isinstance(loaders, (list, tuple))
+        and loaders
+        and not torch.is_tensor(loaders[0])
+        and hasattr(loaders[0], "__iter__")
+    ):
         loaders = loaders[0]  # several val loaders: the first, as dataloader_idx 0
     if loaders is None:
         raise MisconfigurationException(f"no {data} dataloader is available at this point of the fit.")
@@ -104,7 +109,9 @@ def _loss_from(output: Any, source: str) -> tuple[torch.Tensor, Any, Any]:
     )
 
 
-def resolve_batch_loss(pl_module: pl.LightningModule, loss_fn: ModuleLossFn | None, want_outputs: bool) -> tuple[BatchLoss, str]:
+def resolve_batch_loss(
+    pl_module: pl.LightningModule, loss_fn: ModuleLossFn | None, want_outputs: bool
+) -> tuple[BatchLoss, str]:
     """The loss used by every callback, in this order: ``loss_fn(module, batch)``;
     the module's ``landscape_step(batch)``; its ``training_step(batch, batch_idx)``.
 
@@ -207,5 +214,7 @@ def check_seed(seed: Any) -> int:
 def check_loss_fn(loss_fn: Any) -> Any:
     """``loss_fn`` must be None or a callable ``loss_fn(module, batch) -> Tensor``."""
     if loss_fn is not None and not callable(loss_fn):
-        raise MisconfigurationException(f"`loss_fn`={loss_fn!r} is not callable; expected loss_fn(module, batch) -> Tensor.")
+        raise MisconfigurationException(
+            f"`loss_fn`={loss_fn!r} is not callable; expected loss_fn(module, batch) -> Tensor."
+        )
     return loss_fn

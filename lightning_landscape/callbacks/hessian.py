@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -24,9 +24,9 @@ from lightning_landscape.callbacks._common import (
     misconfigured,
     strategy_reduce,
 )
-from lightning_landscape.params import trainable_parameters
 from lightning_landscape.hessian import HessianReport, hessian_check
 from lightning_landscape.hessian_plots import plot_density, plot_eigenvalues
+from lightning_landscape.params import trainable_parameters
 from lightning_landscape.trackers import log_to_loggers, write_files
 
 
@@ -88,9 +88,9 @@ class HessianSpectrum(Callback):
         tol: float = 1e-3,
         seed: int = 0,
         data: Literal["train", "val"] = "train",
-        num_batches: Optional[int] = None,
-        dirpath: Optional[str] = None,
-        loss_fn: Optional[Callable[..., torch.Tensor]] = None,
+        num_batches: int | None = None,
+        dirpath: str | None = None,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
         name: str = "hessian",
         enabled: bool = True,
     ) -> None:

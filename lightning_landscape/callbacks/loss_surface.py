@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -101,20 +101,20 @@ class LossSurface(Callback):
         dims: Literal[1, 2] = 2,
         resolution: int = 21,
         span: float = 1.0,
-        axis_ranges: Optional[list[list[float]]] = None,
+        axis_ranges: list[list[float]] | None = None,
         norm: Literal["filter", "layer", "model", "none"] = "filter",
         ignore: Literal["biasbn", "none"] = "biasbn",
         seed: int = 0,
         orthogonal: bool = False,
         data: Literal["train", "val"] = "train",
-        num_batches: Optional[int] = None,
-        metrics: Optional[list[Union[str, Any]]] = None,
-        every_n_epochs: Optional[int] = None,
-        dirpath: Optional[str] = None,
+        num_batches: int | None = None,
+        metrics: list[str | Any] | None = None,
+        every_n_epochs: int | None = None,
+        dirpath: str | None = None,
         log_scale: bool = False,
         interactive: bool = True,
-        progress: Optional[bool] = None,
-        loss_fn: Optional[Callable[..., torch.Tensor]] = None,
+        progress: bool | None = None,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
         ratio_map: bool = False,
         ratio_resolution: int = 5,
         name: str = "loss_surface",
@@ -183,7 +183,9 @@ class LossSurface(Callback):
             self.files = self.publish(trainer, landscape, suffix, ratio)
         return landscape
 
-    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[GridEvaluator, list, dict[str, Any]]:
+    def _prepare(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[GridEvaluator, list, dict[str, Any]]:
         """The evaluator over cached batches, the directions and the metadata (inside :func:`analysis_context`)."""
         evaluator, source = build_evaluator(
             trainer, pl_module, data=self.data, num_batches=self.num_batches, loss_fn=self.loss_fn, metrics=self.metrics
@@ -192,7 +194,9 @@ class LossSurface(Callback):
         directions = [first]
         if self.dims == 2:
             orth = first if self.orthogonal else None
-            directions.append(random_direction(pl_module, norm=self.norm, ignore=self.ignore, seed=self.seed + 1, orthogonal_to=orth))
+            directions.append(
+                random_direction(pl_module, norm=self.norm, ignore=self.ignore, seed=self.seed + 1, orthogonal_to=orth)
+            )
         metadata = {
             "norm": self.norm,
             "ignore": self.ignore,
@@ -205,12 +209,20 @@ class LossSurface(Callback):
         }
         return evaluator, directions, metadata
 
-    def _ratio_map(self, trainer: pl.Trainer, pl_module: pl.LightningModule, evaluator: GridEvaluator, directions: list) -> Landscape:
+    def _ratio_map(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, evaluator: GridEvaluator, directions: list
+    ) -> Landscape:
         ranges = self.axis_ranges or [[-self.span, self.span]] * self.dims
         coarse = [np.linspace(lo, hi, self.ratio_resolution) for lo, hi in ranges]
         return ratio_map(
-            pl_module, evaluator.batches, directions, coarse, batch_loss=evaluator.batch_loss,
-            seed=self.seed, progress=self.progress, reduce=strategy_reduce(trainer),
+            pl_module,
+            evaluator.batches,
+            directions,
+            coarse,
+            batch_loss=evaluator.batch_loss,
+            seed=self.seed,
+            progress=self.progress,
+            reduce=strategy_reduce(trainer),
         )
 
     def summary_scalars(self, landscape: Landscape) -> dict[str, float]:
@@ -269,5 +281,7 @@ def _check_axis_ranges(axis_ranges: Any, dims: int) -> list[list[float]] | None:
     except (TypeError, ValueError) as err:
         raise ValueError(f"`axis_ranges`={axis_ranges!r} is not valid; expected one [lo, hi] pair per axis.") from err
     if len(ranges) != dims or any(not (np.isfinite(lo) and np.isfinite(hi) and lo < hi) for lo, hi in ranges):
-        raise ValueError(f"`axis_ranges`={axis_ranges!r} is not valid; expected {dims} finite [lo, hi] pair(s) with lo < hi.")
+        raise ValueError(
+            f"`axis_ranges`={axis_ranges!r} is not valid; expected {dims} finite [lo, hi] pair(s) with lo < hi."
+        )
     return ranges

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -104,23 +104,23 @@ class TrajectoryPCA(Callback):
 
     def __init__(
         self,
-        every_n_steps: Optional[int] = None,
-        every_n_epochs: Optional[int] = None,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
         resolution: int = 21,
         margin: float = 0.25,
         storage: Literal["auto", "memory", "disk"] = "auto",
         max_memory_mb: float = 1024.0,
-        snapshot_dir: Optional[str] = None,
+        snapshot_dir: str | None = None,
         snapshot_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
         center: bool = False,
         data: Literal["train", "val"] = "train",
-        num_batches: Optional[int] = None,
-        metrics: Optional[list[Union[str, Any]]] = None,
+        num_batches: int | None = None,
+        metrics: list[str | Any] | None = None,
         seed: int = 0,
-        dirpath: Optional[str] = None,
+        dirpath: str | None = None,
         log_scale: bool = False,
-        progress: Optional[bool] = None,
-        loss_fn: Optional[Callable[..., torch.Tensor]] = None,
+        progress: bool | None = None,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
         name: str = "trajectory",
         enabled: bool = True,
     ) -> None:
@@ -189,10 +189,16 @@ class TrajectoryPCA(Callback):
         self._names = list(params)
         # Snapshots are written through flat views into one buffer allocated once: a fresh
         # P-sized tensor per step would cost time on the training path and fragment the heap.
-        views = [p.detach().view(-1) for p in params.values()] if all(p.is_contiguous() for p in params.values()) else []
+        views = (
+            [p.detach().view(-1) for p in params.values()] if all(p.is_contiguous() for p in params.values()) else []
+        )
         same_dtype = bool(views) and all(v.dtype == torch.float32 for v in views)
         self._views = views if same_dtype else []
-        self._buffer = torch.empty(sum(p.numel() for p in params.values()), dtype=torch.float32, device=views[0].device) if self._views else None
+        self._buffer = (
+            torch.empty(sum(p.numel() for p in params.values()), dtype=torch.float32, device=views[0].device)
+            if self._views
+            else None
+        )
         self.store = self._open_store(sum(p.numel() for p in params.values()))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -238,9 +244,13 @@ class TrajectoryPCA(Callback):
                 store = SnapshotStore.from_state_dict(restored["store"], strict=True)
                 if store.num_params == num_params:
                     return store
-                rank_zero_warn("TrajectoryPCA: the checkpoint's snapshots belong to another model; starting a new trajectory.")
+                rank_zero_warn(
+                    "TrajectoryPCA: the checkpoint's snapshots belong to another model; starting a new trajectory."
+                )
             except (ValueError, OSError) as err:
-                rank_zero_warn(f"TrajectoryPCA: cannot continue the checkpoint's trajectory ({err}); starting a new one.")
+                rank_zero_warn(
+                    f"TrajectoryPCA: cannot continue the checkpoint's trajectory ({err}); starting a new one."
+                )
         return SnapshotStore(
             num_params,
             dtype=self.snapshot_dtype,
@@ -260,7 +270,9 @@ class TrajectoryPCA(Callback):
     @property
     def state_key(self) -> str:
         # Several TrajectoryPCA callbacks in one Trainer (e.g. every step and every epoch) each keep their state.
-        return self._generate_state_key(name=self.name, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs)
+        return self._generate_state_key(
+            name=self.name, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs
+        )
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Landscape:
         """PCA of the snapshots, the surface on that plane (all ranks), then files and logs (rank zero)."""
@@ -300,7 +312,9 @@ class TrajectoryPCA(Callback):
             "num_snapshots": len(self.store),  # type: ignore[arg-type]
             "snapshot_dtype": self.snapshot_dtype,
         }
-        landscape = surface_from_evaluator(pl_module, evaluator, directions, coords, progress=self.progress, metadata=metadata)
+        landscape = surface_from_evaluator(
+            pl_module, evaluator, directions, coords, progress=self.progress, metadata=metadata
+        )
         landscape.extras.update(
             explained_variance_ratio=np.asarray(pca.explained_variance_ratio, dtype=np.float64),
             singular_values=np.asarray(pca.singular_values, dtype=np.float64),
@@ -317,7 +331,10 @@ class TrajectoryPCA(Callback):
         epoch_starts = np.flatnonzero(np.r_[True, epochs[1:] != epochs[:-1]])
         figures = {
             "contour_path": plot_contour(
-                landscape, path=pca.path, path_markers=epoch_starts, log_scale=self.log_scale,
+                landscape,
+                path=pca.path,
+                path_markers=epoch_starts,
+                log_scale=self.log_scale,
                 title="loss on the PCA plane, with the optimization path",
             ),
             "path": plot_path(pca.path, epochs=epochs, explained_variance_ratio=pca.explained_variance_ratio),
@@ -327,8 +344,15 @@ class TrajectoryPCA(Callback):
         evr = pca.explained_variance_ratio
         scalars = {"explained_variance_pc1": float(evr[0]), "explained_variance_pc2": float(evr[1])}
         scalars["center_loss"] = float(landscape.metadata["center_loss"])
-        log_to_loggers(trainer.loggers, self.name, step=trainer.global_step, scalars=scalars, figures=figures, files=files,
-                       artifact_type="trajectory")
+        log_to_loggers(
+            trainer.loggers,
+            self.name,
+            step=trainer.global_step,
+            scalars=scalars,
+            figures=figures,
+            files=files,
+            artifact_type="trajectory",
+        )
         rank_zero_info(
             f"[TrajectoryPCA] {len(pca.path)} points; PC1 {100 * evr[0]:.1f}%, PC2 {100 * evr[1]:.1f}% "
             f"of the variation; files in {dirpath}"

@@ -58,7 +58,9 @@ class Landscape:
                 raise ValueError(f"`values[{name!r}]` has shape {array.shape}; expected {self.shape} from `coords`.")
 
     @classmethod
-    def empty(cls, coords: list[np.ndarray], names: Iterable[str] = (), metadata: dict[str, Any] | None = None) -> Landscape:
+    def empty(
+        cls, coords: list[np.ndarray], names: Iterable[str] = (), metadata: dict[str, Any] | None = None
+    ) -> Landscape:
         """A landscape over ``coords`` with nothing evaluated yet: NaN values for the loss and ``names``.
 
         Example:

@@ -67,7 +67,9 @@ def save_npz(path: str | os.PathLike, kind: str, arrays: Mapping[str, Any], meta
     return path
 
 
-def load_npz(path: str | os.PathLike, *, kinds: tuple[str, ...] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def load_npz(
+    path: str | os.PathLike, *, kinds: tuple[str, ...] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read a file written by :func:`save_npz`: ``(arrays, metadata)``.
 
     Raises:
@@ -87,7 +89,9 @@ def load_npz(path: str | os.PathLike, *, kinds: tuple[str, ...] | None = None) -
             meta = json.loads(str(data[METADATA_KEY]))
             arrays = {name: data[name] for name in data.files if name != METADATA_KEY}
     except (zipfile.BadZipFile, EOFError, OSError, KeyError, json.JSONDecodeError) as err:
-        raise ValueError(f"`path`={str(path)!r} cannot be read ({type(err).__name__}: {err}); expected {expected}.") from err
+        raise ValueError(
+            f"`path`={str(path)!r} cannot be read ({type(err).__name__}: {err}); expected {expected}."
+        ) from err
     except ValueError as err:
         if str(path) in str(err):
             raise

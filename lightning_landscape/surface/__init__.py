@@ -5,4 +5,11 @@ from lightning_landscape.surface.evaluator import GridEvaluator
 from lightning_landscape.surface.path import interpolate, interpolation_from_evaluator
 from lightning_landscape.surface.plane import loss_surface, surface_from_evaluator
 
-__all__ = ["GridEvaluator", "interpolate", "interpolation_from_evaluator", "loss_surface", "make_batch_loss", "surface_from_evaluator"]
+__all__ = [
+    "GridEvaluator",
+    "interpolate",
+    "interpolation_from_evaluator",
+    "loss_surface",
+    "make_batch_loss",
+    "surface_from_evaluator",
+]

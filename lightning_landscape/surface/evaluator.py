@@ -46,7 +46,9 @@ def as_metric_dict(metrics: Any) -> dict[str, Any]:
                 "(anything with update/compute/reset)."
             )
         if name == "loss" or name in out:
-            raise ValueError(f"`metrics` uses the name {name!r} twice or for the loss; pass a dict with distinct names.")
+            raise ValueError(
+                f"`metrics` uses the name {name!r} twice or for the loss; pass a dict with distinct names."
+            )
         out[name] = metric
     return out
 

@@ -53,7 +53,9 @@ def interpolation_from_evaluator(
             raise ValueError(f"`{label}` lacks the entries {missing[:5]}; expected a state dict of the same model.")
         for n in names:
             if tuple(sd[n].shape) != tuple(tensors[n].shape):
-                raise ValueError(f"`{label}[{n!r}]` has shape {tuple(sd[n].shape)}; expected {tuple(tensors[n].shape)}.")
+                raise ValueError(
+                    f"`{label}[{n!r}]` has shape {tuple(sd[n].shape)}; expected {tuple(tensors[n].shape)}."
+                )
     targets = [tensors[n] for n in names]
     starts = [start_sd[n].detach().to(tensors[n]) for n in names]
     ends = [end_sd[n].detach().to(tensors[n]) for n in names]

@@ -51,7 +51,9 @@ def surface_from_evaluator(
     grid = as_grid_coords(coords, len(dirs))
     meta = {"kind": "surface", **_versions.collect(), **(metadata or {})}
     if resume is not None:
-        if resume.shape != tuple(len(c) for c in grid) or not all(np.array_equal(a, b) for a, b in zip(resume.coords, grid)):
+        if resume.shape != tuple(len(c) for c in grid) or not all(
+            np.array_equal(a, b) for a, b in zip(resume.coords, grid)
+        ):
             raise ValueError("`resume` was computed on another grid; expected the same `coords`.")
         landscape = resume
     else:
