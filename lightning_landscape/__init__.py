@@ -11,7 +11,7 @@ from typing import Any
 from lightning_landscape._versions import package_version as _package_version
 from lightning_landscape.directions import random_direction
 from lightning_landscape.hessian import HessianOperator, HessianReport, SpectralDensity, hessian_check, ratio_map
-from lightning_landscape.hessian_plots import plot_density, plot_eigenvalues, plot_ratio_map
+from lightning_landscape.plots import plot_density, plot_eigenvalues, plot_ratio_map
 from lightning_landscape.plots import (
     landscape_figures,
     plot_contour,

@@ -25,7 +25,7 @@ from lightning_landscape.callbacks._common import (
     strategy_reduce,
 )
 from lightning_landscape.hessian import HessianReport, hessian_check
-from lightning_landscape.hessian_plots import plot_density, plot_eigenvalues
+from lightning_landscape.plots import plot_density, plot_eigenvalues
 from lightning_landscape.params import trainable_parameters
 from lightning_landscape.trackers import log_to_loggers, write_files
 

@@ -27,7 +27,7 @@ from lightning_landscape.callbacks._common import (
 )
 from lightning_landscape.directions import IGNORES, NORMS, random_direction
 from lightning_landscape.hessian import ratio_map
-from lightning_landscape.hessian_plots import plot_ratio_map
+from lightning_landscape.plots import plot_ratio_map
 from lightning_landscape.plots import landscape_figures, plotly_surface
 from lightning_landscape.results import Landscape
 from lightning_landscape.surface import GridEvaluator, surface_from_evaluator

@@ -1,6 +1,6 @@
 """Figures of Hessian results: pure functions from a result to a matplotlib ``Figure``.
 
-As in :mod:`lightning_landscape.plots`, no pyplot state is touched: every figure
+As in :mod:`lightning_landscape.plots._figure`, no pyplot state is touched: every figure
 is a ``matplotlib.figure.Figure`` with an Agg canvas, safe in headless jobs.
 """
 
@@ -10,8 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lightning_landscape.hessian import HessianReport
-from lightning_landscape.plots import _axis_labels, _new_figure
-from lightning_landscape.plots import _masked as _masked_values
+from lightning_landscape.plots._figure import axis_labels, masked, new_figure
 from lightning_landscape.results import Landscape
 
 
@@ -39,10 +38,10 @@ def plot_density(report: HessianReport, *, title: str | None = None) -> Figure:
     """
     if report.density is None:
         raise ValueError("`report` holds no spectral density; expected a report of hessian_check(..., density=True).")
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     grid, values = report.density
-    density = _masked_values(values, True)
+    density = masked(values, True)
     ax.plot(grid, density, color="k", lw=1.0)
     ax.fill_between(grid, density.filled(np.nan), alpha=0.15, color="0.3")
     _mark_extremes(ax, report)
@@ -66,7 +65,7 @@ def plot_eigenvalues(report: HessianReport, *, title: str | None = None) -> Figu
         >>> plot_eigenvalues(report).axes[0].get_xlabel()
         'rank'
     """
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     ranks = np.arange(1, report.eigenvalues.size + 1)
     ax.stem(ranks, report.eigenvalues, basefmt="0.6")
@@ -101,10 +100,10 @@ def plot_ratio_map(landscape: Landscape, *, levels: int = 20, title: str | None 
         raise ValueError(
             f"`landscape` has values {sorted(landscape.values)}; expected a 'ratio' entry from ratio_map()."
         )
-    fig = _new_figure(figsize=(10.5, 4.5))
+    fig = new_figure(figsize=(10.5, 4.5))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    xl, yl = _axis_labels(landscape)
-    ratio, loss = _masked_values(landscape.values["ratio"]), _masked_values(landscape.loss)
+    xl, yl = axis_labels(landscape)
+    ratio, loss = masked(landscape.values["ratio"]), masked(landscape.loss)
     if landscape.dims == 1:
         x = landscape.coords[0]
         left.plot(x, ratio, marker="o", color="tab:purple")

@@ -1,59 +1,15 @@
-"""Figures: pure functions from a result to a matplotlib ``Figure``.
-
-No pyplot state is touched: every figure is a ``matplotlib.figure.Figure`` with
-an Agg canvas, so plotting works in headless training jobs and threads and never
-leaks windows. Non-finite values are masked, not drawn.
-"""
+"""Figures of a loss landscape: the 1-D curve, contours, heat map, 3-D surface and an interactive plotly surface."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from lightning_landscape.plots._figure import axis_labels, check_dims, contour_levels, masked, new_figure
 from lightning_landscape.results import Landscape
-
-
-def _new_figure(figsize: tuple[float, float] = (5.5, 4.5), **kwargs: Any) -> Figure:
-    fig = Figure(figsize=figsize, **kwargs)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _masked(values: np.ndarray, log_scale: bool = False) -> np.ma.MaskedArray:
-    values = np.asarray(values, dtype=np.float64)
-    invalid = ~np.isfinite(values)
-    if log_scale:
-        invalid |= values <= 0
-    return np.ma.masked_array(values, mask=invalid)
-
-
-def _axis_labels(landscape: Landscape) -> tuple[str, str]:
-    labels = landscape.metadata.get("axis_labels")
-    if labels:
-        return tuple(labels) + ("",) * (2 - len(labels))  # type: ignore[return-value]
-    if landscape.metadata.get("kind") == "interpolation":
-        return "α (start → end)", ""
-    return "α (direction 1)", "β (direction 2)"
-
-
-def _check_dims(landscape: Landscape, dims: int, what: str) -> None:
-    if landscape.dims != dims:
-        raise ValueError(f"`landscape` has {landscape.dims} dimension(s); {what} needs a {dims}-D landscape.")
-
-
-def _levels(values: np.ma.MaskedArray, levels: int) -> np.ndarray | int:
-    if values.count() == 0:
-        return levels
-    lo, hi = float(values.min()), float(values.max())
-    if lo == hi:
-        return np.array([lo, lo + max(abs(lo), 1.0) * 1e-6])
-    # Losses grow fast away from a minimum: log-spaced levels keep detail in the basin,
-    # which is what the reader looks at. Linear spacing only where values reach zero or below.
-    return np.geomspace(lo, hi, levels) if lo > 0 else np.linspace(lo, hi, levels)
 
 
 def plot_curve(
@@ -67,12 +23,12 @@ def plot_curve(
         >>> fig.axes[0].get_ylabel()
         'loss'
     """
-    _check_dims(landscape, 1, "plot_curve")
-    fig = _new_figure()
+    check_dims(landscape, 1, "plot_curve")
+    fig = new_figure()
     ax = fig.add_subplot()
     x = landscape.coords[0]
-    ax.plot(x, _masked(landscape.loss, log_scale), color="tab:blue", marker=".", label="loss")
-    ax.set_xlabel(_axis_labels(landscape)[0])
+    ax.plot(x, masked(landscape.loss, log_scale), color="tab:blue", marker=".", label="loss")
+    ax.set_xlabel(axis_labels(landscape)[0])
     ax.set_ylabel("loss")
     if log_scale:
         ax.set_yscale("log")
@@ -80,7 +36,7 @@ def plot_curve(
         if metric not in landscape.values:
             raise ValueError(f"`metric`={metric!r} is not in the landscape; accepted: {sorted(landscape.values)}.")
         twin = ax.twinx()
-        twin.plot(x, _masked(landscape.values[metric], False), color="tab:orange", marker=".", label=metric)
+        twin.plot(x, masked(landscape.values[metric], False), color="tab:orange", marker=".", label=metric)
         twin.set_ylabel(metric, color="tab:orange")
     ax.axvline(0.0, color="0.7", lw=0.8, ls="--")
     if landscape.metadata.get("kind") == "interpolation":
@@ -119,14 +75,14 @@ def plot_contour(
         >>> len(plot_contour(ls, filled=True).axes)  # the plot and its colour bar
         2
     """
-    _check_dims(landscape, 2, "plot_contour")
+    check_dims(landscape, 2, "plot_contour")
     if value not in landscape.values:
         raise ValueError(f"`value`={value!r} is not in the landscape; accepted: {sorted(landscape.values)}.")
-    fig = _new_figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     x, y = landscape.coords
-    z = _masked(landscape.values[value], log_scale).T  # matplotlib wants z[row=y, col=x]
-    lv = _levels(z, levels)
+    z = masked(landscape.values[value], log_scale).T  # matplotlib wants z[row=y, col=x]
+    lv = contour_levels(z, levels)
     norm = LogNorm() if log_scale else None
     if filled:
         cs = ax.contourf(x, y, z, levels=lv, cmap="viridis", norm=norm)
@@ -145,7 +101,7 @@ def plot_contour(
         ax.legend(loc="best", fontsize=7)
     else:
         ax.scatter([0.0], [0.0], marker="*", s=80, color="tab:red", zorder=3)
-    xl, yl = _axis_labels(landscape)
+    xl, yl = axis_labels(landscape)
     ax.set_xlabel(xl)
     ax.set_ylabel(yl)
     ax.set_title(title or (f"{value} (filled contours)" if filled else f"{value} contours"))
@@ -163,14 +119,14 @@ def plot_heatmap(
         >>> plot_heatmap(Landscape(coords=[a, a], values={"loss": np.ones((4, 4))})).axes[0].get_xlabel()
         'α (direction 1)'
     """
-    _check_dims(landscape, 2, "plot_heatmap")
-    fig = _new_figure()
+    check_dims(landscape, 2, "plot_heatmap")
+    fig = new_figure()
     ax = fig.add_subplot()
     x, y = landscape.coords
-    z = _masked(landscape.values[value], log_scale).T
+    z = masked(landscape.values[value], log_scale).T
     mesh = ax.pcolormesh(x, y, z, shading="nearest", cmap="viridis", norm=LogNorm() if log_scale else None)
     fig.colorbar(mesh, ax=ax, label=value)
-    xl, yl = _axis_labels(landscape)
+    xl, yl = axis_labels(landscape)
     ax.set_xlabel(xl)
     ax.set_ylabel(yl)
     ax.set_title(title or f"{value} heat map")
@@ -188,17 +144,17 @@ def plot_surface_3d(
         >>> plot_surface_3d(Landscape(coords=[a, a], values={"loss": np.ones((4, 4))})).axes[0].name
         '3d'
     """
-    _check_dims(landscape, 2, "plot_surface_3d")
-    fig = _new_figure(figsize=(6.0, 5.0))
+    check_dims(landscape, 2, "plot_surface_3d")
+    fig = new_figure(figsize=(6.0, 5.0))
     ax = fig.add_subplot(projection="3d")
     x, y = landscape.coords
     X, Y = np.meshgrid(x, y, indexing="ij")
-    z = _masked(landscape.values[value], log_scale)
+    z = masked(landscape.values[value], log_scale)
     if log_scale:
         z = np.ma.log10(z)
     # plot_surface does not honour masks: NaN leaves holes, which is what we want.
     ax.plot_surface(X, Y, z.filled(np.nan), cmap="viridis", linewidth=0, antialiased=True)
-    xl, yl = _axis_labels(landscape)
+    xl, yl = axis_labels(landscape)
     ax.set_xlabel(xl)
     ax.set_ylabel(yl)
     ax.set_zlabel(f"log10 {value}" if log_scale else value)
@@ -242,52 +198,10 @@ def plotly_surface(landscape: Landscape, *, value: str = "loss") -> Any:
     """
     import plotly.graph_objects as go
 
-    _check_dims(landscape, 2, "plotly_surface")
+    check_dims(landscape, 2, "plotly_surface")
     x, y = landscape.coords
     z = np.where(np.isfinite(landscape.values[value]), landscape.values[value], None).T
-    xl, yl = _axis_labels(landscape)
+    xl, yl = axis_labels(landscape)
     fig = go.Figure(data=[go.Surface(x=x, y=y, z=z, colorscale="Viridis")])
     fig.update_layout(scene={"xaxis_title": xl, "yaxis_title": yl, "zaxis_title": value}, title=f"{value} surface")
     return fig
-
-
-def plot_path(
-    path: np.ndarray,
-    *,
-    epochs: np.ndarray | None = None,
-    explained_variance_ratio: np.ndarray | None = None,
-    title: str | None = None,
-) -> Figure:
-    """An optimization path on its PCA plane, coloured by epoch, start and end marked.
-
-    Example:
-        >>> fig = plot_path(np.array([[2.0, 1.0], [1.0, 0.2], [0.0, 0.0]]), epochs=np.array([0, 1, 1]))
-        >>> fig.axes[0].get_xlabel()
-        'PC1'
-    """
-    path = np.asarray(path, dtype=np.float64)
-    fig = _new_figure()
-    ax = fig.add_subplot()
-    ax.plot(path[:, 0], path[:, 1], color="0.6", lw=1.0, zorder=1)
-    colors = np.asarray(epochs) if epochs is not None else np.arange(len(path))
-    points = ax.scatter(path[:, 0], path[:, 1], c=colors, cmap="plasma", s=12, zorder=2)
-    fig.colorbar(points, ax=ax, label="epoch" if epochs is not None else "snapshot")
-    ax.scatter(*path[0], marker="o", s=60, facecolor="white", edgecolor="k", zorder=3, label="start")
-    ax.scatter(*path[-1], marker="*", s=120, color="gold", edgecolor="k", zorder=3, label="end")
-    ax.legend(loc="best", fontsize=7)
-    labels = pca_axis_labels(explained_variance_ratio) if explained_variance_ratio is not None else ["PC1", "PC2"]
-    ax.set_xlabel(labels[0])
-    ax.set_ylabel(labels[1])
-    ax.set_title(title or "optimization path (PCA plane)")
-    fig.tight_layout()
-    return fig
-
-
-def pca_axis_labels(explained_variance_ratio: np.ndarray) -> list[str]:
-    """``["PC1 (71.2%)", "PC2 (12.0%)"]`` from explained-variance ratios.
-
-    Example:
-        >>> pca_axis_labels(np.array([0.712, 0.12]))
-        ['PC1 (71.2%)', 'PC2 (12.0%)']
-    """
-    return [f"PC{i + 1} ({100 * float(r):.1f}%)" for i, r in enumerate(explained_variance_ratio)]
