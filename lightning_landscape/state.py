@@ -30,7 +30,7 @@ class ModelState:
 
     Example:
         >>> state = capture_state(nn.Linear(2, 1))
-        >>> state.trainable_names(), state.training
+        >>> list(state.parameters), state.training
         (['weight', 'bias'], {'': True})
     """
 
@@ -40,10 +40,6 @@ class ModelState:
     requires_grad: dict[str, bool]
     training: dict[str, bool]
     rng: dict[str, object] = field(repr=False, default_factory=dict)
-
-    def trainable_names(self) -> list[str]:
-        """Names of the parameters that had ``requires_grad=True`` on entry, in model order."""
-        return [name for name, flag in self.requires_grad.items() if flag]
 
 
 def _capture_rng() -> dict[str, object]:
@@ -85,8 +81,11 @@ def capture_state(model: nn.Module) -> ModelState:
     return ModelState(parameters, buffers, grads, requires_grad, training, _capture_rng())
 
 
-def restore_state(model: nn.Module, state: ModelState) -> None:
+def restore_state(model: nn.Module, state: ModelState, *, grads: bool = True) -> None:
     """Put ``model`` back into ``state`` in place (same tensor objects, values bit for bit).
+
+    With ``grads=False`` the ``.grad`` tensors are left ``None`` instead of re-attached
+    (a nested guard: the outer analysis still runs, and must not write into them).
 
     Example:
         >>> model = nn.Linear(2, 1)
@@ -101,12 +100,16 @@ def restore_state(model: nn.Module, state: ModelState) -> None:
         for name, p in model.named_parameters():
             p.copy_(state.parameters[name])
             p.requires_grad_(state.requires_grad[name])
-            p.grad = state.grads[name]
+            p.grad = state.grads[name] if grads else None
         for name, b in model.named_buffers():
             b.copy_(state.buffers[name])
     for name, module in model.named_modules():
         module.training = state.training[name]
     _restore_rng(state.rng)
+
+
+#: The record of every model inside a guard, by ``id``: a nested guard on the same model reuses it.
+_ACTIVE: dict[int, ModelState] = {}
 
 
 @contextmanager
@@ -120,18 +123,34 @@ def preserved_state(model: nn.Module) -> Iterator[ModelState]:
     optimizers and other holders of the parameter objects keep working.
     Inside the block ``.grad`` is ``None`` on every parameter.
 
+    Guards nest at no cost: inside a guard on the same model (a callback's, around
+    an engine's own), the inner guard copies nothing, yields the outer record and
+    restores the model to it on exit, so an analysis holds one copy of the model.
+
     Example:
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
         >>> with preserved_state(model) as state:
         ...     _ = model.eval()
         ...     _ = model[0].weight.data.add_(1.0)
+        ...     with preserved_state(model) as inner:
+        ...         inner is state
+        True
         >>> model.training, torch.equal(model[0].weight, state.parameters["0.weight"])
         (True, True)
     """
+    outer = _ACTIVE.get(id(model))
+    if outer is not None:
+        try:
+            yield outer
+        finally:
+            restore_state(model, outer, grads=False)
+        return
     state = capture_state(model)
+    _ACTIVE[id(model)] = state
     for p in model.parameters():
         p.grad = None
     try:
         yield state
     finally:
+        del _ACTIVE[id(model)]
         restore_state(model, state)

@@ -8,29 +8,17 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
 
 from lightning_landscape import _validation as v
-from lightning_landscape.callbacks._common import (
-    DATA_SOURCES,
-    analysis_context,
-    build_evaluator,
-    check_data_source,
-    check_loss_fn,
-    check_seed,
-    default_dirpath,
-    misconfigured,
-    strategy_reduce,
-)
+from lightning_landscape.callbacks._base import LandscapeCallback, analysis_context, misconfigured
 from lightning_landscape.hessian import HessianReport, hessian_check
 from lightning_landscape.plots import plot_density, plot_eigenvalues
-from lightning_landscape.params import trainable_parameters
-from lightning_landscape.trackers import log_to_loggers, write_files
 
 
-class HessianSpectrum(Callback):
+class HessianSpectrum(LandscapeCallback):
     """At fit end: the Hessian's top eigenvalues, λmin, |λmin/λmax|, trace and spectral density.
 
     A 2-D slice can look convex while the full loss is not; Li et al. (2018,
@@ -67,9 +55,9 @@ class HessianSpectrum(Callback):
         enabled: turn the callback off without removing it.
 
     Raises:
-        MisconfigurationException: on an invalid argument (``__init__``), a ``top_k``
-            larger than the number of trainable parameters, or ``data="val"`` without
-            validation data (both at ``setup``, before training).
+        MisconfigurationException: on an invalid argument (``__init__``), ``data="val"``
+            without validation data (``setup``), or a ``top_k`` larger than the number of
+            trainable parameters (``on_fit_start``, after ``configure_model``, before training).
 
     Example:
         >>> spectrum = HessianSpectrum(top_k=3, trace=True, num_batches=4)
@@ -95,43 +83,45 @@ class HessianSpectrum(Callback):
         enabled: bool = True,
     ) -> None:
         super().__init__()
+        self.init_common(
+            data=data,
+            num_batches=num_batches,
+            loss_fn=loss_fn,
+            dirpath=dirpath,
+            progress=None,
+            name=name,
+            enabled=enabled,
+        )
         self.top_k = misconfigured(v.check_positive_int, "top_k", top_k)
         self.lambda_min = bool(lambda_min)
         self.trace = bool(trace)
         self.density = bool(density)
         self.tol = misconfigured(v.check_positive_float, "tol", tol)
-        self.seed = check_seed(seed)
-        self.data = misconfigured(v.check_choice, "data", data, DATA_SOURCES)
-        self.num_batches = misconfigured(v.check_positive_int, "num_batches", num_batches, allow_none=True)
-        self.dirpath = dirpath
-        self.loss_fn = check_loss_fn(loss_fn)
-        self.name = name
-        self.enabled = bool(enabled)
-        #: The last report (every rank) and the files written (rank zero).
+        self.seed = misconfigured(v.check_seed, "seed", seed)
+        #: The last report (every rank).
         self.report: HessianReport | None = None
-        self.files: dict[str, Path] = {}
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not (self.enabled and stage == "fit"):
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled:
             return
-        check_data_source(trainer, self.data, type(self).__name__)
-        num_params = sum(p.numel() for p in misconfigured(trainable_parameters, pl_module).values())
+        num_params = sum(p.numel() for p in self.check_module(pl_module).values())
         if self.top_k > num_params:
             raise MisconfigurationException(
                 f"`top_k`={self.top_k} is larger than the model's {num_params} trainable parameters; "
                 f"expected an integer from 1 to {num_params}."
             )
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled:
             self.run(trainer, pl_module)
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> HessianReport:
         """Compute the report now (all ranks), then write and log it (rank zero)."""
+        self.output_dir(trainer)  # a collective when not resolved at setup: every rank takes part
         with analysis_context(trainer, pl_module):
-            evaluator, source = build_evaluator(
-                trainer, pl_module, data=self.data, num_batches=self.num_batches, loss_fn=self.loss_fn, metrics=()
-            )
+            evaluator, source = self.build_evaluator(trainer, pl_module)
             report = hessian_check(
                 pl_module,
                 evaluator.batches,
@@ -142,7 +132,7 @@ class HessianSpectrum(Callback):
                 density=self.density,
                 tol=self.tol,
                 seed=self.seed,
-                reduce=strategy_reduce(trainer),
+                reduce=evaluator.reduce,
             )
         report.metadata.update(loss_source=source, data=self.data, global_step=trainer.global_step)
         self.report = report
@@ -155,19 +145,16 @@ class HessianSpectrum(Callback):
         figures = {"eigenvalues": plot_eigenvalues(report)}
         if report.density is not None:
             figures["density"] = plot_density(report)
-        dirpath = default_dirpath(trainer, self.dirpath)
-        files = write_files(dirpath, self.name, report, figures)
         rows = [[i + 1, float(value)] for i, value in enumerate(report.eigenvalues)]
-        log_to_loggers(
-            trainer.loggers,
+        files = self.write_and_publish(
+            trainer,
             self.name,
-            step=trainer.global_step,
-            scalars=report.scalars(),
-            figures=figures,
-            files=files,
+            report,
+            figures,
+            report.scalars(),
             artifact_type="hessian",
             tables={"top_eigenvalues": (["rank", "eigenvalue"], rows)},
         )
         ratio = f", |λmin/λmax| = {report.ratio:.3g}" if report.ratio is not None else ""
-        rank_zero_info(f"[HessianSpectrum] λmax = {report.lambda_max:.4g}{ratio}; files in {dirpath}")
+        rank_zero_info(f"[HessianSpectrum] λmax = {report.lambda_max:.4g}{ratio}")
         return files

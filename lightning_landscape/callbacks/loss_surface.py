@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -9,32 +10,20 @@ from typing import Any, Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
 
 from lightning_landscape import _validation as v
-from lightning_landscape.callbacks._common import (
-    DATA_SOURCES,
-    analysis_context,
-    build_evaluator,
-    check_data_source,
-    check_loss_fn,
-    check_metric_names,
-    check_seed,
-    default_dirpath,
-    misconfigured,
-    strategy_reduce,
-)
+from lightning_landscape.callbacks._base import LandscapeCallback, analysis_context, misconfigured
 from lightning_landscape.directions import IGNORES, NORMS, random_direction
 from lightning_landscape.hessian import ratio_map
-from lightning_landscape.plots import plot_ratio_map
-from lightning_landscape.plots import landscape_figures, plotly_surface
+from lightning_landscape.metrics import check_metric_names
+from lightning_landscape.plots import landscape_figures, plot_ratio_map, plotly_surface
 from lightning_landscape.results import Landscape
 from lightning_landscape.surface import GridEvaluator, surface_from_evaluator
-from lightning_landscape.trackers import log_to_loggers, write_files
 
 
-class LossSurface(Callback):
+class LossSurface(LandscapeCallback):
     """Evaluate the loss landscape around the final weights and log it everywhere.
 
     At the end of ``fit`` (and every ``every_n_epochs`` epochs if set) the loss,
@@ -121,44 +110,43 @@ class LossSurface(Callback):
         enabled: bool = True,
     ) -> None:
         super().__init__()
+        self.init_common(
+            data=data,
+            num_batches=num_batches,
+            loss_fn=loss_fn,
+            dirpath=dirpath,
+            progress=progress,
+            name=name,
+            enabled=enabled,
+        )
         self.dims = misconfigured(v.check_choice, "dims", dims, (1, 2))
         self.resolution = misconfigured(v.check_positive_int, "resolution", resolution)
         self.span = misconfigured(v.check_positive_float, "span", span)
         self.axis_ranges = misconfigured(_check_axis_ranges, axis_ranges, self.dims)
         self.norm = misconfigured(v.check_choice, "norm", norm, NORMS)
         self.ignore = misconfigured(v.check_choice, "ignore", ignore, IGNORES)
-        self.seed = check_seed(seed)
+        self.seed = misconfigured(v.check_seed, "seed", seed)
         self.orthogonal = bool(orthogonal)
-        self.data = misconfigured(v.check_choice, "data", data, DATA_SOURCES)
-        self.num_batches = misconfigured(v.check_positive_int, "num_batches", num_batches, allow_none=True)
         self.metrics = misconfigured(check_metric_names, metrics)
         self.every_n_epochs = misconfigured(v.check_positive_int, "every_n_epochs", every_n_epochs, allow_none=True)
-        self.dirpath = dirpath
         self.log_scale = bool(log_scale)
         self.interactive = bool(interactive)
-        self.progress = progress
-        self.loss_fn = check_loss_fn(loss_fn)
         self.ratio_map = bool(ratio_map)
         if self.ratio_map and self.dims != 2:
-            misconfigured(_raise, f"`ratio_map`=True needs a 2-D surface; got `dims`={self.dims}.")
+            raise MisconfigurationException(f"`ratio_map`=True needs a 2-D surface; got `dims`={self.dims}.")
         self.ratio_resolution = misconfigured(v.check_positive_int, "ratio_resolution", ratio_resolution)
-        self.name = name
-        self.enabled = bool(enabled)
-        #: The last computed landscape and ratio map (on every rank) and the files written (rank zero).
+        #: The last computed landscape and ratio map (on every rank).
         self.landscape: Landscape | None = None
         self.ratio_landscape: Landscape | None = None
-        self.files: dict[str, Path] = {}
 
     # --- hooks ------------------------------------------------------------------------------
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.enabled and stage == "fit":
-            check_data_source(trainer, self.data, type(self).__name__)
-
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.run(trainer, pl_module, suffix=f"_epoch{trainer.current_epoch}")
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled:
             self.run(trainer, pl_module)
@@ -172,6 +160,7 @@ class LossSurface(Callback):
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, suffix: str = "") -> Landscape:
         """Compute the landscape now (all ranks), then write and log it (rank zero)."""
+        self.output_dir(trainer)  # a collective when not resolved at setup: every rank takes part
         with analysis_context(trainer, pl_module):
             evaluator, directions, metadata = self._prepare(trainer, pl_module)
             landscape = surface_from_evaluator(
@@ -187,9 +176,7 @@ class LossSurface(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> tuple[GridEvaluator, list, dict[str, Any]]:
         """The evaluator over cached batches, the directions and the metadata (inside :func:`analysis_context`)."""
-        evaluator, source = build_evaluator(
-            trainer, pl_module, data=self.data, num_batches=self.num_batches, loss_fn=self.loss_fn, metrics=self.metrics
-        )
+        evaluator, source = self.build_evaluator(trainer, pl_module, self.metrics)
         first = random_direction(pl_module, norm=self.norm, ignore=self.ignore, seed=self.seed)
         directions = [first]
         if self.dims == 2:
@@ -222,7 +209,7 @@ class LossSurface(Callback):
             batch_loss=evaluator.batch_loss,
             seed=self.seed,
             progress=self.progress,
-            reduce=strategy_reduce(trainer),
+            reduce=evaluator.reduce,
         )
 
     def summary_scalars(self, landscape: Landscape) -> dict[str, float]:
@@ -238,39 +225,23 @@ class LossSurface(Callback):
     def publish(
         self, trainer: pl.Trainer, landscape: Landscape, suffix: str = "", ratio: Landscape | None = None
     ) -> dict[str, Path]:
-        """Write the files and log to every logger (rank zero only)."""
+        """Write the files and log to every logger (global rank zero only)."""
+        stem = f"{self.name}{suffix}"
         figures = landscape_figures(landscape, log_scale=self.log_scale)
-        dirpath = default_dirpath(trainer, self.dirpath)
-        files = write_files(dirpath, f"{self.name}{suffix}", landscape, figures)
         scalars = self.summary_scalars(landscape)
+        extra_files = {}
         if ratio is not None:
-            ratio_figures = {"ratio_map": plot_ratio_map(ratio)}
-            ratio_files = write_files(dirpath, f"{self.name}_ratio_map{suffix}", ratio, ratio_figures)
-            figures.update(ratio_figures)
-            files.update(ratio_map=ratio_files["ratio_map"], ratio_npz=ratio_files["npz"])
+            figures["ratio_map"] = plot_ratio_map(ratio)
+            extra_files["ratio_npz"] = ratio.save(self.output_dir(trainer) / f"{stem}_ratio_map.npz")
             center = tuple(int(np.argmin(np.abs(c))) for c in ratio.coords)
             scalars["ratio_at_center"] = float(ratio.values["ratio"][center])
         plotly_fig = None
         if self.interactive and landscape.dims == 2:
-            try:
+            with contextlib.suppress(ImportError):  # plotly is an optional extra
                 plotly_fig = plotly_surface(landscape)
-            except ImportError:
-                pass
-        log_to_loggers(
-            trainer.loggers,
-            self.name,
-            step=trainer.global_step,
-            scalars=scalars,
-            figures=figures,
-            files=files,
-            plotly_figure=plotly_fig,
+        return self.write_and_publish(
+            trainer, stem, landscape, figures, scalars, extra_files=extra_files, plotly_figure=plotly_fig
         )
-        rank_zero_info(f"[LossSurface] wrote {files['npz']} and {len(figures)} figure(s) to {dirpath}")
-        return files
-
-
-def _raise(message: str) -> None:
-    raise ValueError(message)
 
 
 def _check_axis_ranges(axis_ranges: Any, dims: int) -> list[list[float]] | None:

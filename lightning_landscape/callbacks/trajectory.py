@@ -9,27 +9,22 @@ from typing import Any, Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
+from lightning_landscape import _lightning
 from lightning_landscape import _validation as v
-from lightning_landscape.callbacks._common import (
-    DATA_SOURCES,
+from lightning_landscape.callbacks._base import (
+    LandscapeCallback,
     analysis_context,
-    build_evaluator,
-    check_data_source,
-    check_loss_fn,
-    check_metric_names,
-    check_seed,
-    default_dirpath,
+    check_dirpath_argument,
     misconfigured,
 )
-from lightning_landscape.params import trainable_parameters
+from lightning_landscape.metrics import check_metric_names
 from lightning_landscape.plots import pca_axis_labels, plot_contour, plot_path
 from lightning_landscape.results import Landscape
 from lightning_landscape.surface import surface_from_evaluator
-from lightning_landscape.trackers import log_to_loggers, write_files
 from lightning_landscape.trajectory import (
     DTYPES,
     STORAGES,
@@ -37,7 +32,6 @@ from lightning_landscape.trajectory import (
     SnapshotStore,
     TooFewSnapshotsError,
     check_max_memory_mb,
-    check_writable_dir,
     flatten_parameters,
     path_range,
     pca_directions,
@@ -45,7 +39,7 @@ from lightning_landscape.trajectory import (
 )
 
 
-class TrajectoryPCA(Callback):
+class TrajectoryPCA(LandscapeCallback):
     """Snapshot the weights during training; at fit end draw the path on its top two PCA directions.
 
     Random directions are nearly orthogonal to the optimization path in high
@@ -125,6 +119,15 @@ class TrajectoryPCA(Callback):
         enabled: bool = True,
     ) -> None:
         super().__init__()
+        self.init_common(
+            data=data,
+            num_batches=num_batches,
+            loss_fn=loss_fn,
+            dirpath=dirpath,
+            progress=progress,
+            name=name,
+            enabled=enabled,
+        )
         if (every_n_steps is None) == (every_n_epochs is None):
             raise MisconfigurationException(
                 f"TrajectoryPCA needs exactly one of `every_n_steps`={every_n_steps!r} and "
@@ -138,33 +141,26 @@ class TrajectoryPCA(Callback):
         self.margin = float(margin)
         self.storage = misconfigured(v.check_choice, "storage", storage, STORAGES)
         self.max_memory_mb = misconfigured(check_max_memory_mb, max_memory_mb)
-        if snapshot_dir is not None:  # checked in every storage mode: a path given is a path meant
-            misconfigured(check_writable_dir, Path(snapshot_dir))
-        self.snapshot_dir = snapshot_dir
+        # Checked in every storage mode (a path given is a path meant), without creating it here:
+        # fully (a file written and deleted) at setup.
+        self.snapshot_dir = misconfigured(check_dirpath_argument, "snapshot_dir", snapshot_dir)
         self.snapshot_dtype = misconfigured(v.check_choice, "snapshot_dtype", snapshot_dtype, DTYPES)
         self.center = bool(center)
-        self.data = misconfigured(v.check_choice, "data", data, DATA_SOURCES)
-        self.num_batches = misconfigured(v.check_positive_int, "num_batches", num_batches, allow_none=True)
         self.metrics = misconfigured(check_metric_names, metrics)
-        self.seed = check_seed(seed)
-        self.dirpath = dirpath
+        self.seed = misconfigured(v.check_seed, "seed", seed)
         self.log_scale = bool(log_scale)
-        self.progress = progress
-        self.loss_fn = check_loss_fn(loss_fn)
-        self.name = name
-        self.enabled = bool(enabled)
         self.store: SnapshotStore | None = None
         self._names: list[str] = []
         self._views: list[torch.Tensor] = []
         self._buffer: torch.Tensor | None = None
         self._restored: dict[str, Any] | None = None
-        #: Results of the last fit: the PCA, the surface on its plane, and the files written (rank zero).
+        #: Results of the last fit: the PCA and the surface on its plane.
         self.pca: PCAResult | None = None
         self.landscape: Landscape | None = None
-        self.files: dict[str, Path] = {}
 
     # --- checkpointing: counters and paths only ------------------------------------------------
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self.store is None:
             return {}
@@ -173,19 +169,23 @@ class TrajectoryPCA(Callback):
         self.store.flush()
         return {"store": self.store.state_dict(), "names": list(self._names)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = dict(state_dict) or None
 
     # --- hooks ----------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.enabled and stage == "fit":
-            check_data_source(trainer, self.data, type(self).__name__)
+        super().setup(trainer, pl_module, stage)
+        if self.enabled and stage == "fit" and self.snapshot_dir is not None:
+            misconfigured(v.check_writable_dir, "snapshot_dir", self.snapshot_dir)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
             return
-        params = trainable_parameters(pl_module)
+        params = self.check_module(pl_module)
         self._names = list(params)
         # Snapshots are written through flat views into one buffer allocated once: a fresh
         # P-sized tensor per step would cost time on the training path and fragment the heap.
@@ -201,6 +201,7 @@ class TrajectoryPCA(Callback):
         )
         self.store = self._open_store(sum(p.numel() for p in params.values()))
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The start of the trajectory. Taken here, not at fit start: on a resumed run Lightning
         # restores the step and epoch counters only now. A trajectory continued from a checkpoint
@@ -209,19 +210,21 @@ class TrajectoryPCA(Callback):
         if self.enabled and self.store is not None and len(self.store) == 0:
             self._snapshot(trainer, pl_module, epochs_done=trainer.current_epoch)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.enabled and self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             if not self.store.steps or self.store.steps[-1] != trainer.global_step:  # type: ignore[union-attr]
                 # (gradient accumulation: one snapshot per optimizer step). After an epoch's last
                 # batch that epoch counts as done, so epoch markers fall on epoch boundaries.
-                progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
-                last = bool(getattr(progress, "is_last_batch", False))
+                last = _lightning.is_last_batch(trainer)
                 self._snapshot(trainer, pl_module, epochs_done=trainer.current_epoch + int(last))
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._snapshot(trainer, pl_module, epochs_done=trainer.current_epoch + 1)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or self.store is None:
             return
@@ -276,6 +279,7 @@ class TrajectoryPCA(Callback):
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Landscape:
         """PCA of the snapshots, the surface on that plane (all ranks), then files and logs (rank zero)."""
+        self.output_dir(trainer)  # a collective when not resolved at setup: every rank takes part
         with analysis_context(trainer, pl_module):
             params = dict(pl_module.named_parameters())
             pca = trajectory_pca(
@@ -294,9 +298,7 @@ class TrajectoryPCA(Callback):
         return landscape
 
     def _surface(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pca: PCAResult) -> Landscape:
-        evaluator, source = build_evaluator(
-            trainer, pl_module, data=self.data, num_batches=self.num_batches, loss_fn=self.loss_fn, metrics=self.metrics
-        )
+        evaluator, source = self.build_evaluator(trainer, pl_module, self.metrics)
         like = {n: p for n, p in pl_module.named_parameters() if n in set(self._names)}
         directions = pca_directions(pca, like)
         coords = [np.linspace(lo, hi, self.resolution) for lo, hi in path_range(pca.path, self.margin)]
@@ -339,26 +341,16 @@ class TrajectoryPCA(Callback):
             ),
             "path": plot_path(pca.path, epochs=epochs, explained_variance_ratio=pca.explained_variance_ratio),
         }
-        dirpath = default_dirpath(trainer, self.dirpath)
-        files = write_files(dirpath, self.name, landscape, figures)
         evr = pca.explained_variance_ratio
         scalars = {"explained_variance_pc1": float(evr[0]), "explained_variance_pc2": float(evr[1])}
         scalars["center_loss"] = float(landscape.metadata["center_loss"])
-        log_to_loggers(
-            trainer.loggers,
-            self.name,
-            step=trainer.global_step,
-            scalars=scalars,
-            figures=figures,
-            files=files,
-            artifact_type="trajectory",
-        )
+        files = self.write_and_publish(trainer, self.name, landscape, figures, scalars, artifact_type="trajectory")
         rank_zero_info(
-            f"[TrajectoryPCA] {len(pca.path)} points; PC1 {100 * evr[0]:.1f}%, PC2 {100 * evr[1]:.1f}% "
-            f"of the variation; files in {dirpath}"
+            f"[TrajectoryPCA] {len(pca.path)} points; PC1 {100 * evr[0]:.1f}%, PC2 {100 * evr[1]:.1f}% of the variation"
         )
         return files
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Memory snapshots are dropped with the store; disk ones stay where the user put them.
         if self.store is not None and self.snapshot_dir is None:

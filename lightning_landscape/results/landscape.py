@@ -143,14 +143,16 @@ class Landscape:
     def summary(self, radii: tuple[float, ...] = ()) -> dict[str, float]:
         """Scalars for a logger: the loss at the centre and the mean rise of the loss at each radius.
 
-        The centre is the grid point nearest to the origin. The rise at radius
+        The centre loss is ``metadata["center_loss"]`` (the loss at θ*) when present, else
+        the value at the grid point nearest to the origin. The rise at radius
         ``r`` is the mean over grid points at distance ``r`` (within half a grid
         step) of ``loss - center_loss``, ignoring non-finite points.
         """
         grids = np.meshgrid(*self.coords, indexing="ij")
         radius = np.sqrt(sum(g**2 for g in grids))
         center = np.unravel_index(np.argmin(radius), self.shape)
-        center_loss = float(self.loss[center])
+        # The loss at θ* itself when the analysis measured it (the grid need not contain 0).
+        center_loss = float(self.metadata.get("center_loss", self.loss[center]))
         out = {"center_loss": center_loss}
         step = min((float(np.min(np.diff(c))) if len(c) > 1 else np.inf) for c in self.coords)
         for r in radii:

@@ -20,30 +20,36 @@ from tqdm.auto import tqdm
 
 from lightning_landscape._validation import check_positive_int
 from lightning_landscape.data import BatchLoss, Reduce, cache_batches
+from lightning_landscape.metrics import METRIC_NAMES, check_metric_names, is_metric, metric_from_name
 from lightning_landscape.results import Landscape
 
 
 def as_metric_dict(metrics: Any) -> dict[str, Any]:
-    """Metrics as ``{name: metric}`` (a dict kept as is, a list named by class).
+    """Metrics as ``{name: metric}``: a dict kept as is, a list named by class (or by the name itself).
+
+    An entry may be a metric name from :data:`~lightning_landscape.metrics.METRIC_NAMES`
+    (``"accuracy"``): it maps to ``None`` and is built from the first batch's outputs.
 
     Example:
-        >>> as_metric_dict(None)
-        {}
+        >>> as_metric_dict(["accuracy"])
+        {'accuracy': None}
     """
     if metrics is None:
         return {}
     if isinstance(metrics, Mapping):
         items = list(metrics.items())
-    elif isinstance(metrics, Sequence) and not isinstance(metrics, str):
-        items = [(type(m).__name__.lower(), m) for m in metrics]
     else:
-        items = [(type(metrics).__name__.lower(), metrics)]
+        listed = list(metrics) if isinstance(metrics, Sequence) and not isinstance(metrics, str) else [metrics]
+        items = [(m if isinstance(m, str) else type(m).__name__.lower(), m) for m in listed]
     out: dict[str, Any] = {}
     for name, metric in items:
-        if not all(hasattr(metric, attr) for attr in ("update", "compute", "reset")):
+        if isinstance(metric, str):
+            check_metric_names([metric])
+            metric = None
+        elif not is_metric(metric):
             raise ValueError(
                 f"`metrics[{name!r}]`={metric!r} is not a metric; expected torchmetrics.Metric objects "
-                "(anything with update/compute/reset)."
+                "(anything with update/compute/reset) or the names " + ", ".join(map(repr, METRIC_NAMES)) + "."
             )
         if name == "loss" or name in out:
             raise ValueError(
@@ -93,7 +99,11 @@ class GridEvaluator:
         self.device = torch.device(device)
         self.batches = cache_batches(data, self.device, num_batches)
         self.batch_loss = batch_loss
-        self.metrics = {name: copy.deepcopy(m).to(self.device) for name, m in as_metric_dict(metrics).items()}
+        # Metrics given by name are built from the first batch's outputs (see _build_metrics), so sizing
+        # them costs no extra forward pass.
+        self.metrics = {
+            name: None if m is None else copy.deepcopy(m).to(self.device) for name, m in as_metric_dict(metrics).items()
+        }
         self.reduce = reduce
         self.num_samples: int | None = None
 
@@ -101,7 +111,8 @@ class GridEvaluator:
         """Loss and metrics at the model's current weights; puts the model in eval mode."""
         model.eval()
         for metric in self.metrics.values():
-            metric.reset()
+            if metric is not None:
+                metric.reset()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         with torch.no_grad():
@@ -115,6 +126,7 @@ class GridEvaluator:
                             "`metrics` need the model's outputs, but the loss function gave none; "
                             "return them from `landscape_step` or pass metrics=None."
                         )
+                    self._build_metrics(outputs)
                     for metric in self.metrics.values():
                         metric.update(outputs, targets)
         sums = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=self.device)])
@@ -128,6 +140,11 @@ class GridEvaluator:
             value = metric.compute()
             out[name] = float(value) if torch.is_tensor(value) and value.numel() == 1 else math.nan
         return out
+
+    def _build_metrics(self, outputs: Any) -> None:
+        for name, metric in self.metrics.items():
+            if metric is None:
+                self.metrics[name] = metric_from_name(name, outputs).to(self.device)
 
     def run(
         self,

@@ -1,0 +1,51 @@
+"""Every use of a Lightning internal, in one place, so a Lightning upgrade breaks one file.
+
+Each function says which internal it reads and why no public API does the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+
+def has_val_data(trainer: pl.Trainer) -> bool:
+    """Whether this fit has validation data, known at ``setup`` (before any loader is built).
+
+    Internal: ``fit_loop.epoch_loop.val_loop._data_source``; ``trainer.val_dataloaders``
+    is only filled once the validation loop has run.
+    """
+    return bool(trainer.fit_loop.epoch_loop.val_loop._data_source.is_defined())
+
+
+def fit_dataloader(trainer: pl.Trainer, data: str) -> Any:
+    """The train or (first) val dataloader of the current fit, or ``None``.
+
+    Internal: ``_data_source.dataloader()`` when the loop has not set up its loader yet
+    (e.g. at the end of a fit whose validation never ran).
+    """
+    loaders = trainer.train_dataloader if data == "train" else trainer.val_dataloaders
+    if loaders is None:
+        loop = trainer.fit_loop if data == "train" else trainer.fit_loop.epoch_loop.val_loop
+        loaders = loop._data_source.dataloader()
+    if isinstance(loaders, Mapping):
+        loaders = next(iter(loaders.values()))
+    elif isinstance(loaders, (list, tuple)) and loaders and _is_loader(loaders[0]):
+        loaders = loaders[0]  # several val loaders: the first, as dataloader_idx 0
+    return loaders
+
+
+def _is_loader(obj: Any) -> bool:
+    return not torch.is_tensor(obj) and hasattr(obj, "__iter__")
+
+
+def is_last_batch(trainer: pl.Trainer) -> bool:
+    """Whether the training batch just finished is the last of its epoch.
+
+    Internal: ``fit_loop.epoch_loop.batch_progress.is_last_batch``; no hook argument says it.
+    """
+    progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
+    return bool(getattr(progress, "is_last_batch", False))

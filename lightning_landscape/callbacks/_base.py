@@ -1,0 +1,257 @@
+"""What every landscape callback shares: argument checks, setup checks, the analysis context,
+the evaluator over the fit's data, where the files go, and publishing on rank zero.
+
+A callback's analysis is ``run()``: prepare (data, loss, guard) -> compute (the core) ->
+publish (files, then every logger, on global rank zero only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from matplotlib.figure import Figure
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from lightning_landscape import _lightning
+from lightning_landscape import _validation as v
+from lightning_landscape.callbacks._module_loss import ModuleLossFn, module_batch_loss
+from lightning_landscape.data import Reduce, cache_batches, model_device
+from lightning_landscape.params import trainable_parameters
+from lightning_landscape.state import ModelState, preserved_state
+from lightning_landscape.surface import GridEvaluator
+from lightning_landscape.trackers import Publication, SavableResult, publish, write_files
+
+DATA_SOURCES = ("train", "val")
+#: Strategies whose parameters are sharded or wrapped so that a full-model analysis cannot see them.
+UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+def misconfigured(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a core validator and re-raise its ``ValueError`` as Lightning's ``MisconfigurationException``.
+
+    Example:
+        >>> misconfigured(v.check_positive_int, "resolution", 5)
+        5
+    """
+    try:
+        return check(*args, **kwargs)
+    except ValueError as err:
+        raise MisconfigurationException(str(err)) from err
+
+
+def check_dirpath_argument(name: str, dirpath: str | os.PathLike | None) -> str | None:
+    """Reject a path that can never be a writable directory, without creating anything.
+
+    The nearest existing ancestor must be a directory this process may write into; the
+    full check (creating and deleting a file) runs at ``setup``.
+
+    Example:
+        >>> check_dirpath_argument("dirpath", None) is None
+        True
+    """
+    if dirpath is None:
+        return None
+    path = Path(dirpath)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "is not a directory" if not probe.is_dir() else "is not writable"
+        raise ValueError(f"`{name}`={str(dirpath)!r} cannot be written ({probe} {why}); expected a writable directory.")
+    return str(dirpath)
+
+
+@contextlib.contextmanager
+def analysis_context(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[ModelState]:
+    """Prepare ``pl_module`` for an analysis and leave everything as it was.
+
+    The module is moved to the strategy's device (Lightning moves it to CPU before
+    ``on_fit_end``) and only then recorded by the state guard, so the guard's copy lives
+    where the analysis runs and the engines' own guards reuse it (one copy of the model).
+    Inside: the precision plugin's forward context, ``self.log`` silenced (it raises in
+    fit-end hooks). On exit the module is restored bit for bit and moved back.
+    """
+    original_device = model_device(pl_module)
+    try:
+        pl_module.to(trainer.strategy.root_device)
+        with preserved_state(pl_module) as state, _silenced_logging(pl_module):
+            with trainer.precision_plugin.forward_context(), torch.inference_mode(False):
+                yield state
+    finally:
+        pl_module.to(original_device)
+
+
+@contextlib.contextmanager
+def _silenced_logging(pl_module: pl.LightningModule) -> Iterator[None]:
+    saved = {name: pl_module.__dict__.get(name) for name in ("log", "log_dict")}
+    pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                pl_module.__dict__.pop(name, None)
+            else:
+                pl_module.__dict__[name] = value
+
+
+def strategy_reduce(trainer: pl.Trainer) -> Reduce:
+    """Sum per-point sums over all processes (identity on one)."""
+
+    def reduce(sums: torch.Tensor) -> torch.Tensor:
+        if trainer.world_size == 1:
+            return sums
+        return trainer.strategy.reduce(sums, reduce_op="sum")
+
+    return reduce
+
+
+class LandscapeCallback(Callback):
+    """The base of every landscape callback: shared arguments, checks, data, files and logging.
+
+    Subclasses call :meth:`init_common` from ``__init__`` and implement their hooks with
+    :meth:`build_evaluator`, :func:`analysis_context` and :meth:`write_and_publish`.
+
+    Example:
+        >>> class Nothing(LandscapeCallback):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.init_common(data="train", num_batches=None, loss_fn=None, dirpath=None,
+        ...                          progress=None, name="nothing", enabled=True)
+        >>> Nothing().name
+        'nothing'
+    """
+
+    def init_common(
+        self,
+        *,
+        data: str,
+        num_batches: int | None,
+        loss_fn: ModuleLossFn | None,
+        dirpath: str | None,
+        progress: bool | None,
+        name: str,
+        enabled: bool,
+    ) -> None:
+        """Check and store the arguments every callback has (see the subclasses' Args)."""
+        self.data = misconfigured(v.check_choice, "data", data, DATA_SOURCES)
+        self.num_batches = misconfigured(v.check_positive_int, "num_batches", num_batches, allow_none=True)
+        self.loss_fn = misconfigured(v.check_callable, "loss_fn", loss_fn, "loss_fn(module, batch) -> Tensor")
+        self.dirpath = misconfigured(check_dirpath_argument, "dirpath", dirpath)
+        self.progress = progress
+        if not isinstance(name, str) or not name or "/" in name:
+            raise MisconfigurationException(f"`name`={name!r} is not valid; expected a non-empty string without '/'.")
+        self.name = name
+        self.enabled = bool(enabled)
+        self._output_dir: Path | None = None
+        #: The files written by the last analysis (global rank zero).
+        self.files: dict[str, Path] = {}
+
+    # --- checks --------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not (self.enabled and stage == "fit"):
+            return
+        owner = type(self).__name__
+        strategy = type(trainer.strategy).__name__
+        if strategy in UNSUPPORTED_STRATEGIES:
+            raise MisconfigurationException(
+                f"{owner} does not support strategy {strategy}: it shards or wraps the parameters. "
+                "Supported: single-device, DDP ('ddp', 'ddp_spawn', 'ddp_fork')."
+            )
+        if self.data == "val" and not _lightning.has_val_data(trainer):
+            raise MisconfigurationException(
+                f"{owner}(data='val') needs validation data, but this fit has no val_dataloader; "
+                "pass val_dataloaders to fit(), define val_dataloader(), or use data='train'."
+            )
+        self._output_dir = self.resolve_output_dir(trainer)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After configure_model(): a module that builds its layers there has them only now.
+        if self.enabled:
+            self.check_module(pl_module)
+
+    def check_module(self, pl_module: pl.LightningModule) -> dict[str, torch.nn.Parameter]:
+        """The module's trainable parameters; ``MisconfigurationException`` when there are none."""
+        return misconfigured(trainable_parameters, pl_module)
+
+    def resolve_output_dir(self, trainer: pl.Trainer) -> Path:
+        """``dirpath``, or ``<trainer.log_dir>/landscape``; decided on rank zero and checked writable.
+
+        Called on every rank: ``trainer.log_dir`` and the broadcasts are collectives.
+        """
+        base = trainer.log_dir or trainer.default_root_dir
+        path = Path(self.dirpath) if self.dirpath is not None else Path(base) / "landscape"
+        path = Path(trainer.strategy.broadcast(str(path)))
+        error = None
+        if trainer.is_global_zero:
+            try:
+                v.check_writable_dir("dirpath", path)
+            except ValueError as err:
+                error = str(err)
+        error = trainer.strategy.broadcast(error)
+        if error:
+            raise MisconfigurationException(error)
+        return path
+
+    def output_dir(self, trainer: pl.Trainer) -> Path:
+        """Where this callback's files go (resolved at ``setup``, or now for a direct ``run``)."""
+        if self._output_dir is None:
+            self._output_dir = self.resolve_output_dir(trainer)
+        return self._output_dir
+
+    # --- data and loss -------------------------------------------------------------------------
+
+    def build_evaluator(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: Sequence[Any] = ()
+    ) -> tuple[GridEvaluator, str]:
+        """The grid evaluator over this fit's data: batches cached on the strategy's device once,
+        the module's loss (see :func:`module_batch_loss`), metrics built from the first outputs,
+        per-point sums reduced across processes. Returns it with the name of the loss source."""
+        loader = _lightning.fit_dataloader(trainer, self.data)
+        if loader is None:
+            raise MisconfigurationException(f"no {self.data} dataloader is available at this point of the fit.")
+        device = trainer.strategy.root_device
+        batches = cache_batches(loader, device, self.num_batches)
+        batch_loss, source = module_batch_loss(pl_module, self.loss_fn, want_outputs=bool(metrics))
+        evaluator = GridEvaluator(
+            batches, batch_loss, metrics=list(metrics), device=device, reduce=strategy_reduce(trainer)
+        )
+        return evaluator, source
+
+    # --- output --------------------------------------------------------------------------------
+
+    def write_and_publish(
+        self,
+        trainer: pl.Trainer,
+        stem: str,
+        result: SavableResult,
+        figures: Mapping[str, Figure],
+        scalars: Mapping[str, float],
+        extra_files: Mapping[str, Path] | None = None,
+        **publication: Any,
+    ) -> dict[str, Path]:
+        """Write ``<stem>.npz`` and the figures to :meth:`output_dir`, then send them to every logger.
+
+        Global rank zero only (files and loggers are written once). ``extra_files`` (already
+        written, e.g. a second ``.npz``) are logged with them; ``publication`` holds the
+        :class:`~lightning_landscape.trackers.Publication` extras (``artifact_type``, ``tables``, ...).
+        """
+        dirpath = self.output_dir(trainer)
+        files = {**write_files(dirpath, stem, result, figures), **(extra_files or {})}
+        pub = Publication(self.name, trainer.global_step, scalars, figures, files, **publication)
+        publish(trainer.loggers, pub)
+        rank_zero_info(f"[{type(self).__name__}] wrote {files['npz']} and {len(figures)} figure(s) to {dirpath}")
+        return files
