@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_landscape.state import preserved_rng
+
 #: ``forward_fn(model, batch) -> (outputs, targets)``
 ForwardFn = Callable[[nn.Module, Any], tuple[Any, Any]]
 #: ``loss_fn(outputs, targets) -> Tensor``: the mean loss of one batch.
@@ -58,13 +60,34 @@ def cache_batches(data: Iterable[Any], device: torch.device | str, num_batches: 
         (1, torch.Size([4, 2]))
     """
     device = torch.device(device)
-    iterator = iter(data)
-    if num_batches is not None:
-        iterator = itertools.islice(iterator, num_batches)
-    batches = [move_to_device(batch, device) for batch in iterator]
+    # Reading the data must not advance any RNG the training uses (see preserved_rng).
+    with preserved_rng(loader_generators(data)):
+        iterator = iter(data)
+        if num_batches is not None:
+            iterator = itertools.islice(iterator, num_batches)
+        batches = [move_to_device(batch, device) for batch in iterator]
     if not batches:
         raise ValueError(f"`data`={data!r} yielded no batch; expected an iterable of at least one batch.")
     return batches
+
+
+def loader_generators(data: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects that iterating ``data`` may advance: a DataLoader's own
+    ``generator``, its sampler's and its batch sampler's (and their inner sampler's).
+
+    Example:
+        >>> g = torch.Generator()
+        >>> loader = torch.utils.data.DataLoader(list(range(4)), shuffle=True, generator=g)
+        >>> any(x is g for x in loader_generators(loader))
+        True
+    """
+    found = []
+    for holder in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None)):
+        for obj in (holder, getattr(holder, "sampler", None)):
+            generator = getattr(obj, "generator", None)
+            if isinstance(generator, torch.Generator):
+                found.append(generator)
+    return found
 
 
 def count_samples(*candidates: Any) -> int:

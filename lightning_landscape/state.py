@@ -11,7 +11,7 @@ bit for bit on exit.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -42,7 +42,13 @@ class ModelState:
     rng: dict[str, object] = field(repr=False, default_factory=dict)
 
 
-def _capture_rng() -> dict[str, object]:
+def capture_rng() -> dict[str, object]:
+    """The global RNG states: torch, CUDA (when initialized), numpy, ``random``.
+
+    Example:
+        >>> sorted(capture_rng())[:3]
+        ['numpy', 'python', 'torch']
+    """
     state: dict[str, object] = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
@@ -53,7 +59,8 @@ def _capture_rng() -> dict[str, object]:
     return state
 
 
-def _restore_rng(state: dict[str, object]) -> None:
+def restore_rng(state: dict[str, object]) -> None:
+    """Put back the global RNG states recorded by :func:`capture_rng`."""
     torch.set_rng_state(state["torch"])  # type: ignore[arg-type]
     np.random.set_state(state["numpy"])  # type: ignore[arg-type]
     random.setstate(state["python"])  # type: ignore[arg-type]
@@ -78,7 +85,7 @@ def capture_state(model: nn.Module) -> ModelState:
     grads = {name: p.grad for name, p in model.named_parameters()}
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     training = {name: m.training for name, m in model.named_modules()}
-    return ModelState(parameters, buffers, grads, requires_grad, training, _capture_rng())
+    return ModelState(parameters, buffers, grads, requires_grad, training, capture_rng())
 
 
 def restore_state(model: nn.Module, state: ModelState, *, grads: bool = True) -> None:
@@ -105,7 +112,7 @@ def restore_state(model: nn.Module, state: ModelState, *, grads: bool = True) ->
             b.copy_(state.buffers[name])
     for name, module in model.named_modules():
         module.training = state.training[name]
-    _restore_rng(state.rng)
+    restore_rng(state.rng)
 
 
 #: The record of every model inside a guard, by ``id``: a nested guard on the same model reuses it.
@@ -154,3 +161,29 @@ def preserved_state(model: nn.Module) -> Iterator[ModelState]:
     finally:
         del _ACTIVE[id(model)]
         restore_state(model, state)
+
+
+@contextmanager
+def preserved_rng(generators: Iterable[torch.Generator] = ()) -> Iterator[None]:
+    """Leave the global RNGs and the given ``torch.Generator`` objects as they were.
+
+    Reading a DataLoader draws from the global torch RNG (its sampler's seed, the workers'
+    base seed) or from its own ``generator``; an analysis that reads the training data must
+    not advance either, or training after it would differ from training without it.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> with preserved_rng([g]):
+        ...     _ = torch.rand(3), torch.rand(3, generator=g)
+        >>> torch.equal(torch.rand(1, generator=g), torch.rand(1, generator=torch.Generator().manual_seed(0)))
+        True
+    """
+    generators = list({id(g): g for g in generators}.values())
+    saved = [g.get_state() for g in generators]
+    rng = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(rng)
+        for g, st in zip(generators, saved):
+            g.set_state(st)
