@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lightning_landscape._validation import check_positive_int
 from lightning_landscape.data import BatchLoss, Reduce, cache_batches
 from lightning_landscape.metrics import METRIC_NAMES, check_metric_names, is_metric, metric_from_name
+from lightning_landscape.progress import track
 from lightning_landscape.results import Landscape
 
 
@@ -159,11 +159,11 @@ class GridEvaluator:
 
         ``set_point(index)`` puts the weights of grid point ``index`` into the model.
         Points are written one by one, so an interruption leaves a consistent partial result.
+        ``progress``: a bar (True; None on a terminal), log lines (None off a terminal), nothing (False).
         """
         todo = [idx for idx in np.ndindex(*landscape.shape) if not landscape.evaluated[idx]]  # type: ignore[index]
-        # tqdm's disable=None turns the bar off when stderr is not a terminal.
-        bar = tqdm(todo, desc=description, disable=None if progress is None else not progress, leave=False)
-        for idx in bar:
+        cost = f"{len(self.batches)} forward pass(es)"
+        for idx in track(todo, len(todo), description=description, progress=progress, unit_cost=cost):
             set_point(idx)
             point = self.evaluate(model)
             for name, value in point.items():
