@@ -6,6 +6,7 @@ user can fix the call without reading the source.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -151,11 +152,12 @@ def check_nonnegative_float(name: str, value: Any, *, unit: str = "") -> float:
     return float(value)
 
 
-def check_writable_dir(name: str, path: str | os.PathLike) -> Path:
+def check_writable_dir(name: str, path: str | os.PathLike, *, keep: bool = True) -> Path:
     """Create ``path`` if needed and check a file can be written there (by writing and deleting one).
 
     Raises ``ValueError`` naming ``name`` when the directory cannot be created or written
-    (a path under a file, read-only, full).
+    (a path under a file, read-only, full). With ``keep=False`` the directories this check
+    created are removed again, so checking early leaves nothing behind.
 
     Example:
         >>> import tempfile
@@ -166,6 +168,7 @@ def check_writable_dir(name: str, path: str | os.PathLike) -> Path:
         ['a', 'b']
     """
     path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-") as probe:
@@ -173,4 +176,9 @@ def check_writable_dir(name: str, path: str | os.PathLike) -> Path:
             probe.flush()
     except OSError as err:
         raise ValueError(f"`{name}`={str(path)!r} cannot be written ({err}); expected a writable directory.") from err
+    finally:
+        if not keep:
+            for directory in created:  # deepest first
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
     return path

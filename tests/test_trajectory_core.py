@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_landscape.directions import trainable_parameters
+from lightning_landscape.results import Landscape
 from lightning_landscape.trajectory import (
     PCAResult,
     SnapshotStore,
@@ -214,9 +216,9 @@ def test_final_list_keeps_float64_parameters_exact_in_blocks_that_span_two(tmp_p
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc (Linux)")
 def test_reading_a_store_of_many_files_keeps_few_open(tmp_path, monkeypatch):
-    import lightning_landscape.trajectory as trajectory_module
+    from lightning_landscape.trajectory import _npy
 
-    monkeypatch.setattr(trajectory_module, "_MAX_OPEN_FILES", 2)
+    monkeypatch.setattr(_npy, "MAX_OPEN_FILES", 2)
     snaps, final = random_trajectory(k=7, p=11, seed=3)
     store = fill(SnapshotStore(11, storage="disk", snapshot_dir=tmp_path, block_rows=1), snaps)  # 7 files
 
@@ -341,13 +343,15 @@ def test_column_streaming_with_small_chunks_gives_the_same_result(tmp_path, monk
     store.close()
 
 
-def test_iter_chunks_streams_rows_across_blocks(tmp_path):
+def test_rows_read_back_across_blocks(tmp_path):
     snaps = torch.randn(7, 5)
     store = fill(SnapshotStore(5, storage="disk", snapshot_dir=tmp_path, block_rows=3), snaps)
-    chunks = list(store.iter_chunks(2))
-    assert [c.shape[0] for c in chunks] == [2, 2, 2, 1]
-    torch.testing.assert_close(torch.cat(chunks), snaps, rtol=0, atol=0)
-    torch.testing.assert_close(torch.cat(list(store.iter_chunks(4, stop=5))), snaps[:5], rtol=0, atol=0)
+    rows = [store.get(i) for i in range(len(store))]
+    assert [r.shape for r in rows] == [(5,)] * 7
+    torch.testing.assert_close(torch.stack(rows), snaps, rtol=0, atol=0)
+    ((a, b, first_five),) = list(store.iter_column_blocks(5, stop=5))  # one block: all 5 columns, rows 0..4
+    assert (a, b) == (0, 5)
+    torch.testing.assert_close(first_five, snaps[:5], rtol=0, atol=0)
     store.close()
 
 
@@ -463,6 +467,43 @@ def test_append_from_cuda_is_copied_asynchronously_and_read_back(tmp_path):
     store.close()
 
 
+# ---- saving a PCAResult
+
+
+def test_pca_result_save_load_round_trip_is_exact(tmp_path):
+    snaps, final = random_trajectory(k=6, p=30, seed=4)
+    store = fill(SnapshotStore(30, dtype="float16", storage="memory"), torch.cat([snaps, final[None]]))
+    result = trajectory_pca(store, final, n_components=3, center=True)
+    saved = result.save(tmp_path / "pca")
+    assert saved == tmp_path / "pca.npz" and saved.is_file()
+    back = PCAResult.load(saved)
+
+    assert back.components.dtype == torch.float32 and torch.equal(back.components, result.components)
+    for name in ("singular_values", "explained_variance_ratio", "path"):
+        got, want = getattr(back, name), getattr(result, name)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    assert back.steps == result.steps and back.epochs == result.epochs
+    assert all(type(s) is int for s in back.steps + back.epochs)
+    assert (back.centered, back.rank, back.final_in_store) == (True, result.rank, True)
+    assert back.metadata == result.metadata == {"num_snapshots": 7, "storage_dtype": "float16"}
+
+
+def test_pca_result_load_rejects_truncated_and_foreign_files_naming_them(tmp_path):
+    snaps, final = random_trajectory(k=4, p=8)
+    saved = trajectory_pca(fill(SnapshotStore(8, storage="memory"), snaps), final).save(tmp_path / "pca.npz")
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, components=np.zeros((2, 8), dtype=np.float32))
+    landscape = Landscape(coords=[np.arange(3.0)], values={"loss": np.ones(3)}).save(tmp_path / "surface.npz")
+    for path in (truncated, foreign, landscape):
+        with pytest.raises(ValueError, match=re.escape(repr(str(path)))):
+            PCAResult.load(path)
+    with pytest.raises(ValueError, match="kind 'landscape'"):
+        PCAResult.load(landscape)
+
+
 # ---- directions and plot bounds
 
 
@@ -505,7 +546,7 @@ def test_move_to_disk_keeps_every_snapshot_and_refuses_a_memory_store(tmp_path):
     fill(auto, snaps[3:], first_step=3)  # appends continue on disk
     assert auto.storage == "disk" and len(auto.files) == 3 and auto.steps == list(range(5))
     resumed = SnapshotStore.from_state_dict(auto.state_dict())
-    torch.testing.assert_close(torch.cat(list(resumed.iter_chunks())), snaps, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack([resumed.get(i) for i in range(len(resumed))]), snaps, rtol=0, atol=0)
     with pytest.raises(ValueError, match="`storage`='memory'"):
         SnapshotStore(7, storage="memory").move_to_disk()
     auto.close()

@@ -198,7 +198,7 @@ class LandscapeCallback(Callback):
         error = None
         if trainer.is_global_zero:
             try:
-                v.check_writable_dir("dirpath", path)
+                v.check_writable_dir("dirpath", path, keep=False)
             except ValueError as err:
                 error = str(err)
         error = trainer.strategy.broadcast(error)

@@ -179,7 +179,7 @@ class TrajectoryPCA(LandscapeCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.enabled and stage == "fit" and self.snapshot_dir is not None:
-            misconfigured(v.check_writable_dir, "snapshot_dir", self.snapshot_dir)
+            misconfigured(v.check_writable_dir, "snapshot_dir", self.snapshot_dir, keep=False)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -2,5 +2,6 @@
 
 from lightning_landscape.results.landscape import Landscape
 from lightning_landscape.results.npz import load_npz, save_npz
+from lightning_landscape.results.pca import PCAResult
 
-__all__ = ["Landscape", "load_npz", "save_npz"]
+__all__ = ["Landscape", "PCAResult", "load_npz", "save_npz"]
