@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,39 @@ def strategy_reduce(trainer: pl.Trainer) -> Reduce:
     return reduce
 
 
+def default_output_dir(trainer: pl.Trainer) -> Path:
+    """``<save_dir>/<name>/<version>/landscape`` of the first logger, else ``<default_root_dir>/landscape``.
+
+    The folder ModelCheckpoint uses for ``checkpoints``, so each run (each TensorBoard/CSV
+    version, each W&B run) has its own.
+    """
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir) / "landscape"
+    logger = trainer.loggers[0]
+    version = logger.version
+    version = version if isinstance(version, str) else f"version_{version}"
+    return Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version, "landscape")
+
+
+def _holds_results(path: Path) -> bool:
+    return path.is_dir() and any(path.glob("*.npz"))
+
+
+#: The run stamp chosen for each Trainer, so all its callbacks share one subfolder.
+_RUN_STAMPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _run_stamp(trainer: pl.Trainer, parent: Path) -> str:
+    if trainer not in _RUN_STAMPS:
+        stamp = time.strftime("run-%Y%m%d-%H%M%S")
+        candidate, k = stamp, 1
+        while (parent / candidate).exists():
+            k += 1
+            candidate = f"{stamp}-{k}"
+        _RUN_STAMPS[trainer] = candidate
+    return _RUN_STAMPS[trainer]
+
+
 class LandscapeCallback(Callback):
     """The base of every landscape callback: shared arguments, checks, data, files and logging.
 
@@ -188,23 +223,28 @@ class LandscapeCallback(Callback):
         return misconfigured(trainable_parameters, pl_module)
 
     def resolve_output_dir(self, trainer: pl.Trainer) -> Path:
-        """``dirpath``, or ``<trainer.log_dir>/landscape``; decided on rank zero and checked writable.
+        """Where this run's files go, decided on global rank zero and broadcast; checked writable.
 
-        Called on every rank: ``trainer.log_dir`` and the broadcasts are collectives.
+        ``dirpath``, or the run's own folder as ModelCheckpoint picks it (the first logger's
+        ``<save_dir>/<name>/<version>``, e.g. ``lightning_logs/version_3`` or a W&B run id; without
+        a logger ``default_root_dir``) with ``landscape`` appended. A folder that already holds
+        results of another run gets a run-stamped subfolder ``run-YYYYmmdd-HHMMSS`` (the same for
+        every callback of this Trainer), so runs never mix files; a fit resumed from a checkpoint
+        keeps writing where it was. Called on every rank: the broadcasts are collectives.
         """
-        base = trainer.log_dir or trainer.default_root_dir
-        path = Path(self.dirpath) if self.dirpath is not None else Path(base) / "landscape"
-        path = Path(trainer.strategy.broadcast(str(path)))
+        path = Path(self.dirpath) if self.dirpath is not None else default_output_dir(trainer)
         error = None
         if trainer.is_global_zero:
+            if trainer.ckpt_path is None and _holds_results(path):
+                path = path / _run_stamp(trainer, path)
             try:
                 v.check_writable_dir("dirpath", path, keep=False)
             except ValueError as err:
                 error = str(err)
-        error = trainer.strategy.broadcast(error)
+        path, error = trainer.strategy.broadcast((str(path), error))
         if error:
             raise MisconfigurationException(error)
-        return path
+        return Path(path)
 
     def output_dir(self, trainer: pl.Trainer) -> Path:
         """Where this callback's files go (resolved at ``setup``, or now for a direct ``run``)."""
