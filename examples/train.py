@@ -43,8 +43,36 @@ def report(cli: LightningCLI) -> None:
             print(f"{type(logger).__name__}: {logger.log_dir}")
 
 
+def package_message(err: BaseException) -> str | None:
+    """The lightning_landscape message inside a jsonargparse error, if there is one.
+
+    jsonargparse reports a callback's ValueError as one of several "Union subtypes" errors;
+    the package's own message (it starts with the argument's name in backticks) is the one
+    that says what to fix.
+    """
+    for line in str(err).splitlines():
+        text = line.strip().lstrip("- ").strip()
+        if text.startswith("`") and ("expected" in text or "accepted" in text):
+            return text
+    return None
+
+
 def main() -> None:
-    cli = LightningCLI(
+    try:
+        cli = build_cli()
+    except ValueError as err:
+        message = package_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if cli.subcommand == "fit":
+        report(cli)
+
+
+def build_cli() -> LightningCLI:
+    """The example's LightningCLI: digits model and data, W&B offline by default."""
+    return LightningCLI(
         DigitsClassifier,
         DigitsDataModule,
         seed_everything_default=0,
@@ -57,8 +85,6 @@ def main() -> None:
         },
         save_config_kwargs={"overwrite": True},
     )
-    if cli.subcommand == "fit":
-        report(cli)
 
 
 if __name__ == "__main__":
