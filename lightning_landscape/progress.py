@@ -50,19 +50,19 @@ def track(
         >>> list(track(range(3), 3, description="demo", progress=False))
         [0, 1, 2]
     """
-    if progress is True or (progress is None and _is_terminal()):
-        yield from tqdm(items, total=total, desc=description, leave=False)
-        return
     if progress is False:
         yield from items
         return
-    yield from _logged(items, total, description, unit_cost)
-
-
-def _logged(items: Iterable[T], total: int, description: str, unit_cost: str) -> Iterator[Any]:
     _ensure_handler()
     cost = f" x {unit_cost}" if unit_cost else ""
-    log.info("%s: %d point(s)%s", description, total, cost)
+    log.info("%s: %d point(s)%s", description, total, cost)  # what the analysis will cost, before it starts
+    if progress is True or (progress is None and _is_terminal()):
+        yield from tqdm(items, total=total, desc=description, leave=False)
+        return
+    yield from _logged(items, total, description)
+
+
+def _logged(items: Iterable[T], total: int, description: str) -> Iterator[Any]:
     start = last = time.monotonic()
     step = max(1, int(total * LOG_EVERY_FRACTION))
     done = 0

@@ -33,6 +33,11 @@ from lightning_landscape.surface import GridEvaluator
 from lightning_landscape.trackers import Publication, SavableResult, publish, write_files
 
 DATA_SOURCES = ("train", "val")
+#: Default batches per evaluation point: a surface's loss estimate settles with a few thousand
+#: samples (2,048 at batch size 64), and every grid point costs one pass over these batches.
+DEFAULT_NUM_BATCHES = 32
+#: Default batches for the Hessian: each Hessian-vector product costs about three gradient passes.
+DEFAULT_HESSIAN_BATCHES = 16
 #: Strategies whose parameters are sharded or wrapped so that a full-model analysis cannot see them.
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
@@ -281,17 +286,19 @@ class LandscapeCallback(Callback):
         figures: Mapping[str, Figure],
         scalars: Mapping[str, float],
         extra_files: Mapping[str, Path] | None = None,
+        extra_figures: Mapping[str, Figure] | None = None,
         **publication: Any,
     ) -> dict[str, Path]:
         """Write ``<stem>.npz`` and the figures to :meth:`output_dir`, then send them to every logger.
 
-        Global rank zero only (files and loggers are written once). ``extra_files`` (already
-        written, e.g. a second ``.npz``) are logged with them; ``publication`` holds the
+        Global rank zero only (files and loggers are written once). ``extra_files`` and
+        ``extra_figures`` (already written, e.g. a second result) are logged with them; ``publication`` holds the
         :class:`~lightning_landscape.trackers.Publication` extras (``artifact_type``, ``tables``, ...).
         """
         dirpath = self.output_dir(trainer)
         files = {**write_files(dirpath, stem, result, figures), **(extra_files or {})}
-        pub = Publication(self.name, trainer.global_step, scalars, figures, files, **publication)
+        logged = {**figures, **(extra_figures or {})}
+        pub = Publication(self.name, trainer.global_step, scalars, logged, files, **publication)
         publish(trainer.loggers, pub)
         rank_zero_info(f"[{type(self).__name__}] wrote {files['npz']} and {len(figures)} figure(s) to {dirpath}")
         return files

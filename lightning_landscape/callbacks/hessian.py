@@ -13,7 +13,12 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_landscape import _validation as v
-from lightning_landscape.callbacks._base import LandscapeCallback, analysis_context, misconfigured
+from lightning_landscape.callbacks._base import (
+    DEFAULT_HESSIAN_BATCHES,
+    LandscapeCallback,
+    analysis_context,
+    misconfigured,
+)
 from lightning_landscape.hessian import HessianReport, hessian_check
 from lightning_landscape.plots import plot_density, plot_eigenvalues
 
@@ -47,7 +52,7 @@ class HessianSpectrum(LandscapeCallback):
         tol: relative accuracy of the eigenvalues (> 0).
         seed: seeds the Lanczos start vector and the random probes.
         data: ``"train"`` or ``"val"``.
-        num_batches: use at most this many batches (None = all); each Hessian-vector
+        num_batches: use at most this many batches (default 16; None = all); each Hessian-vector
             product costs about three gradient evaluations over them.
         dirpath: where files go (default ``<trainer.log_dir>/landscape``).
         loss_fn: ``loss_fn(module, batch) -> Tensor`` (Python only).
@@ -76,7 +81,7 @@ class HessianSpectrum(LandscapeCallback):
         tol: float = 1e-3,
         seed: int = 0,
         data: Literal["train", "val"] = "train",
-        num_batches: int | None = None,
+        num_batches: int | None = DEFAULT_HESSIAN_BATCHES,
         dirpath: str | None = None,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         name: str = "hessian",

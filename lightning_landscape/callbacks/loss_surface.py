@@ -14,13 +14,14 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_landscape import _validation as v
-from lightning_landscape.callbacks._base import LandscapeCallback, analysis_context, misconfigured
+from lightning_landscape.callbacks._base import DEFAULT_NUM_BATCHES, LandscapeCallback, analysis_context, misconfigured
 from lightning_landscape.directions import IGNORES, NORMS, random_direction
 from lightning_landscape.hessian import ratio_map
 from lightning_landscape.metrics import check_metric_names
 from lightning_landscape.plots import landscape_figures, plot_ratio_map, plotly_surface
 from lightning_landscape.results import Landscape
 from lightning_landscape.surface import GridEvaluator, surface_from_evaluator
+from lightning_landscape.trackers import write_files
 
 
 class LossSurface(LandscapeCallback):
@@ -54,13 +55,15 @@ class LossSurface(LandscapeCallback):
         seed: seed of the first direction (the second uses ``seed + 1``).
         orthogonal: make the second direction exactly orthogonal to the first.
         data: ``"train"`` or ``"val"``: which dataloader of the fit to evaluate on.
-        num_batches: use at most this many batches (None = all).
+        num_batches: use at most this many batches (default 32: a surface's loss settles with a few
+            thousand samples, and every point costs one pass over them; None = all).
         metrics: metric names (``"accuracy"``, ``"mse"``, ``"mae"``) or, from
             Python, torchmetrics objects.
         every_n_epochs: also run at the end of every n-th training epoch (None =
             only at fit end).
         dirpath: where files go (default ``<trainer.log_dir>/landscape``).
-        log_scale: draw the figures on a logarithmic loss scale.
+        log_scale: draw the 2-D figures on a logarithmic loss scale (None: when the loss spans more
+            than two decades; curves stay linear unless True).
         interactive: log an interactive plotly surface to W&B (needs plotly).
         progress: show a progress bar (None = only on a terminal).
         loss_fn: ``loss_fn(module, batch) -> Tensor`` (Python only).
@@ -96,11 +99,11 @@ class LossSurface(LandscapeCallback):
         seed: int = 0,
         orthogonal: bool = False,
         data: Literal["train", "val"] = "train",
-        num_batches: int | None = None,
+        num_batches: int | None = DEFAULT_NUM_BATCHES,
         metrics: list[str | Any] | None = None,
         every_n_epochs: int | None = None,
         dirpath: str | None = None,
-        log_scale: bool = False,
+        log_scale: bool | None = None,
         interactive: bool = True,
         progress: bool | None = None,
         loss_fn: Callable[..., torch.Tensor] | None = None,
@@ -129,7 +132,7 @@ class LossSurface(LandscapeCallback):
         self.orthogonal = bool(orthogonal)
         self.metrics = misconfigured(check_metric_names, metrics)
         self.every_n_epochs = misconfigured(v.check_positive_int, "every_n_epochs", every_n_epochs, allow_none=True)
-        self.log_scale = bool(log_scale)
+        self.log_scale = None if log_scale is None else bool(log_scale)
         self.interactive = bool(interactive)
         self.ratio_map = bool(ratio_map)
         if self.ratio_map and self.dims != 2:
@@ -229,10 +232,11 @@ class LossSurface(LandscapeCallback):
         stem = f"{self.name}{suffix}"
         figures = landscape_figures(landscape, log_scale=self.log_scale)
         scalars = self.summary_scalars(landscape)
-        extra_files = {}
+        extra_files, extra_figures = {}, {}
         if ratio is not None:
-            figures["ratio_map"] = plot_ratio_map(ratio)
-            extra_files["ratio_npz"] = ratio.save(self.output_dir(trainer) / f"{stem}_ratio_map.npz")
+            extra_figures["ratio_map"] = plot_ratio_map(ratio)
+            written = write_files(self.output_dir(trainer), f"{stem}_ratio_map", ratio, extra_figures)
+            extra_files.update(ratio_map=written["ratio_map"], ratio_npz=written["npz"])
             center = tuple(int(np.argmin(np.abs(c))) for c in ratio.coords)
             scalars["ratio_at_center"] = float(ratio.values["ratio"][center])
         plotly_fig = None
@@ -240,7 +244,14 @@ class LossSurface(LandscapeCallback):
             with contextlib.suppress(ImportError):  # plotly is an optional extra
                 plotly_fig = plotly_surface(landscape)
         return self.write_and_publish(
-            trainer, stem, landscape, figures, scalars, extra_files=extra_files, plotly_figure=plotly_fig
+            trainer,
+            stem,
+            landscape,
+            figures,
+            scalars,
+            extra_files=extra_files,
+            extra_figures=extra_figures,
+            plotly_figure=plotly_fig,
         )
 
 

@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_landscape import _lightning
 from lightning_landscape import _validation as v
 from lightning_landscape.callbacks._base import (
+    DEFAULT_NUM_BATCHES,
     LandscapeCallback,
     analysis_context,
     check_dirpath_argument,
@@ -108,11 +109,11 @@ class TrajectoryPCA(LandscapeCallback):
         snapshot_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
         center: bool = False,
         data: Literal["train", "val"] = "train",
-        num_batches: int | None = None,
+        num_batches: int | None = DEFAULT_NUM_BATCHES,
         metrics: list[str | Any] | None = None,
         seed: int = 0,
         dirpath: str | None = None,
-        log_scale: bool = False,
+        log_scale: bool | None = None,
         progress: bool | None = None,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         name: str = "trajectory",
@@ -148,7 +149,7 @@ class TrajectoryPCA(LandscapeCallback):
         self.center = bool(center)
         self.metrics = misconfigured(check_metric_names, metrics)
         self.seed = misconfigured(v.check_seed, "seed", seed)
-        self.log_scale = bool(log_scale)
+        self.log_scale = None if log_scale is None else bool(log_scale)
         self.store: SnapshotStore | None = None
         self._names: list[str] = []
         self._views: list[torch.Tensor] = []

@@ -8,12 +8,24 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from lightning_landscape.plots._figure import axis_labels, check_dims, contour_levels, masked, new_figure
+from lightning_landscape.plots._figure import (
+    MAX_CONTOUR_LABELS,
+    DistinctFormatter,
+    axis_labels,
+    check_dims,
+    contour_levels,
+    distinct_labels,
+    limit_ticks,
+    masked,
+    new_figure,
+    resolve_log_scale,
+    thin_3d_ticks,
+)
 from lightning_landscape.results import Landscape
 
 
 def plot_curve(
-    landscape: Landscape, *, metric: str | None = None, log_scale: bool = False, title: str | None = None
+    landscape: Landscape, *, metric: str | None = None, log_scale: bool | None = False, title: str | None = None
 ) -> Figure:
     """A 1-D landscape as a curve of the loss, with ``metric`` (if given) on a twin axis.
 
@@ -24,6 +36,7 @@ def plot_curve(
         'loss'
     """
     check_dims(landscape, 1, "plot_curve")
+    log_scale = bool(log_scale)
     fig = new_figure()
     ax = fig.add_subplot()
     x = landscape.coords[0]
@@ -51,7 +64,7 @@ def plot_contour(
     *,
     filled: bool = False,
     levels: int = 30,
-    log_scale: bool = False,
+    log_scale: bool | None = None,
     value: str = "loss",
     path: np.ndarray | None = None,
     path_markers: np.ndarray | None = None,
@@ -62,8 +75,10 @@ def plot_contour(
     Args:
         landscape: a 2-D :class:`Landscape`.
         filled: filled contours with a colour bar instead of labelled lines.
-        levels: number of contour levels.
-        log_scale: logarithmically spaced levels (non-positive values masked).
+        levels: number of contour levels (log-spaced where all values are > 0); at most
+            six of them are labelled, each label with enough digits to differ from its neighbours.
+        log_scale: a logarithmic colour scale (non-positive values masked); ``None`` chooses it
+            when the values span more than two decades.
         value: which entry of ``landscape.values`` to draw.
         path: ``(K, 2)`` coordinates of an optimization path to draw on the plane;
             its first point is marked as the start and its last as the end.
@@ -81,15 +96,17 @@ def plot_contour(
     fig = new_figure()
     ax = fig.add_subplot()
     x, y = landscape.coords
+    log_scale = resolve_log_scale(landscape.values[value], log_scale)
     z = masked(landscape.values[value], log_scale).T  # matplotlib wants z[row=y, col=x]
     lv = contour_levels(z, levels)
     norm = LogNorm() if log_scale else None
     if filled:
         cs = ax.contourf(x, y, z, levels=lv, cmap="viridis", norm=norm)
-        fig.colorbar(cs, ax=ax, label=value)
+        fig.colorbar(cs, ax=ax, label=value).ax.yaxis.set_major_formatter(DistinctFormatter())
     else:
         cs = ax.contour(x, y, z, levels=lv, cmap="viridis", norm=norm, linewidths=0.9)
-        ax.clabel(cs, inline=True, fontsize=7, fmt="%.3g")
+        label_contours(ax, cs)
+    limit_ticks(ax)
     if path is not None:
         path = np.asarray(path, dtype=np.float64)
         ax.plot(path[:, 0], path[:, 1], color="tab:red", lw=1.2, marker=".", ms=3, label="path")
@@ -109,10 +126,32 @@ def plot_contour(
     return fig
 
 
+def label_contours(ax: Any, cs: Any) -> None:
+    """Label at most :data:`MAX_CONTOUR_LABELS` evenly spread levels, once each, with distinct texts.
+
+    Each chosen level gets one label, at the middle of its longest line (matplotlib's own
+    placement labels every piece of a level, which crowds the basin).
+    """
+    longest = {}
+    for level, segs in zip(cs.levels, cs.allsegs):
+        pieces = [seg for seg in segs if len(seg)]
+        if pieces:
+            longest[level] = max(pieces, key=len)
+    if not longest:
+        return
+    drawn = list(longest)
+    step = -(-len(drawn) // MAX_CONTOUR_LABELS)  # ceil
+    chosen = drawn[step // 2 :: step]
+    positions = [tuple(longest[level][len(longest[level]) // 2]) for level in chosen]
+    fmt = dict(zip(chosen, distinct_labels(chosen)))
+    ax.clabel(cs, levels=chosen, inline=True, fontsize=7, fmt=fmt, manual=positions)
+
+
 def plot_heatmap(
-    landscape: Landscape, *, log_scale: bool = False, value: str = "loss", title: str | None = None
+    landscape: Landscape, *, log_scale: bool | None = None, value: str = "loss", title: str | None = None
 ) -> Figure:
-    """A 2-D landscape as a heat map (NaN points left blank).
+    """A 2-D landscape as a heat map (NaN points left blank), on a log colour scale when the values
+    span more than two decades (``log_scale=None``), so the basin is not one dark block.
 
     Example:
         >>> a = np.linspace(-1, 1, 4)
@@ -123,9 +162,11 @@ def plot_heatmap(
     fig = new_figure()
     ax = fig.add_subplot()
     x, y = landscape.coords
+    log_scale = resolve_log_scale(landscape.values[value], log_scale)
     z = masked(landscape.values[value], log_scale).T
     mesh = ax.pcolormesh(x, y, z, shading="nearest", cmap="viridis", norm=LogNorm() if log_scale else None)
-    fig.colorbar(mesh, ax=ax, label=value)
+    fig.colorbar(mesh, ax=ax, label=value).ax.yaxis.set_major_formatter(DistinctFormatter())
+    limit_ticks(ax)
     xl, yl = axis_labels(landscape)
     ax.set_xlabel(xl)
     ax.set_ylabel(yl)
@@ -135,9 +176,10 @@ def plot_heatmap(
 
 
 def plot_surface_3d(
-    landscape: Landscape, *, log_scale: bool = False, value: str = "loss", title: str | None = None
+    landscape: Landscape, *, log_scale: bool | None = None, value: str = "loss", title: str | None = None
 ) -> Figure:
-    """A 2-D landscape as a 3-D surface (``log10`` of the value with ``log_scale``).
+    """A 2-D landscape as a 3-D surface (``log10`` of the value on a log scale; ``None``: when the
+    values span more than two decades), with a few distinct ticks per axis.
 
     Example:
         >>> a = np.linspace(-1, 1, 4)
@@ -149,20 +191,25 @@ def plot_surface_3d(
     ax = fig.add_subplot(projection="3d")
     x, y = landscape.coords
     X, Y = np.meshgrid(x, y, indexing="ij")
+    log_scale = resolve_log_scale(landscape.values[value], log_scale)
     z = masked(landscape.values[value], log_scale)
     if log_scale:
         z = np.ma.log10(z)
     # plot_surface does not honour masks: NaN leaves holes, which is what we want.
     ax.plot_surface(X, Y, z.filled(np.nan), cmap="viridis", linewidth=0, antialiased=True)
     xl, yl = axis_labels(landscape)
-    ax.set_xlabel(xl)
-    ax.set_ylabel(yl)
-    ax.set_zlabel(f"log10 {value}" if log_scale else value)
+    thin_3d_ticks(ax)
+    # Padding keeps the axis labels clear of the tick labels, which 3-D axes draw close by.
+    ax.set_xlabel(xl, labelpad=8)
+    ax.set_ylabel(yl, labelpad=8)
+    ax.set_zlabel(f"log10 {value}" if log_scale else value, labelpad=10)
     ax.set_title(title or f"{value} surface")
     return fig
 
 
-def landscape_figures(landscape: Landscape, *, log_scale: bool = False, metric: str | None = None) -> dict[str, Figure]:
+def landscape_figures(
+    landscape: Landscape, *, log_scale: bool | None = None, metric: str | None = None
+) -> dict[str, Figure]:
     """Every standard figure for ``landscape``, keyed by a short name.
 
     A 1-D landscape gives ``{"curve"}``; a 2-D one gives ``{"contour", "contour_filled", "heatmap", "surface_3d"}``.
