@@ -8,10 +8,11 @@ cost, so the batches are materialised on the device once and reused.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
 from lightning_landscape.state import preserved_rng
@@ -37,15 +38,9 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
         >>> moved["x"].device, moved["pair"][1]
         (device(type='cpu'), 'label')
     """
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: move_to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(move_to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(v, device) for v in batch)
-    return batch
+    # lightning_utilities (Lightning's own collection walker, no Lightning import) handles
+    # dicts, namedtuples, dataclasses and nested sequences the way Lightning moves batches.
+    return apply_to_collection(batch, torch.Tensor, lambda t: t.to(device, non_blocking=True))
 
 
 def cache_batches(data: Iterable[Any], device: torch.device | str, num_batches: int | None = None) -> list[Any]:
@@ -110,16 +105,9 @@ def count_samples(*candidates: Any) -> int:
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, Mapping):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        for item in obj:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
+    found: list[torch.Tensor] = []
+    apply_to_collection(obj, torch.Tensor, found.append)
+    return found[0] if found else None
 
 
 def default_forward(model: nn.Module, batch: Any) -> tuple[Any, Any]:
