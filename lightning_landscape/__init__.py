@@ -10,6 +10,7 @@ from typing import Any
 
 from lightning_landscape._versions import package_version as _package_version
 from lightning_landscape.directions import random_direction
+from lightning_landscape.errors import LandscapeWarning
 from lightning_landscape.hessian import HessianOperator, HessianReport, SpectralDensity, hessian_check, ratio_map
 from lightning_landscape.plots import plot_density, plot_eigenvalues, plot_ratio_map
 from lightning_landscape.plots import (
@@ -45,6 +46,7 @@ __all__ = [
     "HessianReport",
     "HessianSpectrum",
     "Landscape",
+    "LandscapeWarning",
     "LossSurface",
     "ModelState",
     "PCAResult",

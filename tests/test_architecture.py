@@ -196,3 +196,11 @@ def test_reentrant_guard_keeps_the_users_gradients_out_of_the_inner_analysis():
         assert model.weight.grad is None  # the inner exit does not hand the user's .grad back yet
         model(torch.ones(1, 2)).sum().backward()
     assert model.weight.grad is grad and torch.equal(grad, before)
+
+
+def test_the_package_warns_in_its_own_category(tmp_path):
+    from lightning_landscape import LandscapeWarning
+
+    cb = TrajectoryPCA(every_n_epochs=5, progress=False)
+    with pytest.warns(LandscapeWarning, match="TrajectoryPCA: 1 snapshot"):
+        small_fit(tmp_path, [cb], max_epochs=1)

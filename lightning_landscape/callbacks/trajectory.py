@@ -22,6 +22,7 @@ from lightning_landscape.callbacks._base import (
     check_dirpath_argument,
     misconfigured,
 )
+from lightning_landscape.errors import LandscapeWarning
 from lightning_landscape.metrics import check_metric_names
 from lightning_landscape.plots import pca_axis_labels, plot_contour, plot_path
 from lightning_landscape.results import Landscape
@@ -236,7 +237,8 @@ class TrajectoryPCA(LandscapeCallback):
             rank_zero_warn(
                 f"TrajectoryPCA: {err.count} snapshot(s) were taken and the PCA needs at least {err.minimum}; "
                 f"no trajectory figure was made. Lower `every_n_steps`/`every_n_epochs` "
-                f"(now {self.every_n_steps if self.every_n_steps else self.every_n_epochs}) or train longer."
+                f"(now {self.every_n_steps if self.every_n_steps else self.every_n_epochs}) or train longer.",
+                category=LandscapeWarning,
             )
 
     # --- work -----------------------------------------------------------------------------------
@@ -249,11 +251,13 @@ class TrajectoryPCA(LandscapeCallback):
                 if store.num_params == num_params:
                     return store
                 rank_zero_warn(
-                    "TrajectoryPCA: the checkpoint's snapshots belong to another model; starting a new trajectory."
+                    "TrajectoryPCA: the checkpoint's snapshots belong to another model; starting a new trajectory.",
+                    category=LandscapeWarning,
                 )
             except (ValueError, OSError) as err:
                 rank_zero_warn(
-                    f"TrajectoryPCA: cannot continue the checkpoint's trajectory ({err}); starting a new one."
+                    f"TrajectoryPCA: cannot continue the checkpoint's trajectory ({err}); starting a new one.",
+                    category=LandscapeWarning,
                 )
         return SnapshotStore(
             num_params,
