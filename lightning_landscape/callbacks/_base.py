@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.seed import isolate_rng
 from typing_extensions import override
 
 from lightning_landscape import _lightning
@@ -90,7 +91,9 @@ def analysis_context(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iter
     original_device = model_device(pl_module)
     try:
         pl_module.to(trainer.strategy.root_device)
-        with preserved_state(pl_module) as state, _silenced_logging(pl_module):
+        # isolate_rng: Lightning's own guard of the global RNGs (CUDA included) around the whole
+        # analysis; preserved_state records the model (and, for the Lightning-free core, the RNGs).
+        with isolate_rng(), preserved_state(pl_module) as state, _silenced_logging(pl_module):
             with trainer.precision_plugin.forward_context(), torch.inference_mode(False):
                 yield state
     finally:
