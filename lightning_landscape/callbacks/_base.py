@@ -265,14 +265,17 @@ class LandscapeCallback(Callback):
     def build_evaluator(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: Sequence[Any] = ()
     ) -> tuple[GridEvaluator, str]:
-        """The grid evaluator over this fit's data: batches cached on the strategy's device once,
-        the module's loss (see :func:`module_batch_loss`), metrics built from the first outputs,
+        """The grid evaluator over this fit's data: batches cached on the strategy's device once
+        (converted by the precision plugin, as for training), the module's loss (see :func:`module_batch_loss`), metrics built from the first outputs,
         per-point sums reduced across processes. Returns it with the name of the loss source."""
         loader = _lightning.fit_dataloader(trainer, self.data)
         if loader is None:
             raise MisconfigurationException(f"no {self.data} dataloader is available at this point of the fit.")
         device = trainer.strategy.root_device
-        batches = cache_batches(loader, device, self.num_batches)
+        # Through the precision plugin's input conversion, as Lightning feeds training_step:
+        # under "64-true"/"bf16-true" the model's dtype is not the loader's.
+        convert = trainer.precision_plugin.convert_input
+        batches = [convert(batch) for batch in cache_batches(loader, device, self.num_batches)]
         batch_loss, source = module_batch_loss(pl_module, self.loss_fn, want_outputs=bool(metrics))
         evaluator = GridEvaluator(
             batches, batch_loss, metrics=list(metrics), device=device, reduce=strategy_reduce(trainer)
