@@ -266,8 +266,9 @@ class LandscapeCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: Sequence[Any] = ()
     ) -> tuple[GridEvaluator, str]:
         """The grid evaluator over this fit's data: batches cached on the strategy's device once
-        (converted by the precision plugin, as for training), the module's loss (see :func:`module_batch_loss`), metrics built from the first outputs,
-        per-point sums reduced across processes. Returns it with the name of the loss source."""
+        (converted by the precision plugin, as for training), the module's loss (see
+        :func:`module_batch_loss`), metrics built from the first outputs, per-point sums reduced
+        across processes. Returns it with the name of the loss source."""
         loader = _lightning.fit_dataloader(trainer, self.data)
         if loader is None:
             raise MisconfigurationException(f"no {self.data} dataloader is available at this point of the fit.")
