@@ -102,17 +102,44 @@ def test_a_wandb_logger_subclass_gets_the_images(tmp_path):
     assert images == ["contour", "contour_filled", "heatmap", "surface_3d"]
 
 
-def test_a_failing_logger_is_an_error_not_a_warning_and_the_files_are_kept(tmp_path):
-    class BrokenLogger(CSVLogger):
-        def log_metrics(self, metrics, step=None):
-            if any(k.startswith("loss_surface/") for k in metrics):
-                raise RuntimeError("tracker down")
-            super().log_metrics(metrics, step)
+class _BrokenLogger(CSVLogger):
+    def log_metrics(self, metrics, step=None):
+        if any(k.startswith("loss_surface/") for k in metrics):
+            raise RuntimeError("tracker down")
+        super().log_metrics(metrics, step)
 
-    cb = LossSurface(dims=1, resolution=3, progress=False, dirpath=str(tmp_path / "out"))
+
+def test_a_failing_logger_raises_with_on_error_raise_and_the_files_are_kept(tmp_path):
+    cb = LossSurface(dims=1, resolution=3, progress=False, dirpath=str(tmp_path / "out"), on_error="raise")
     with pytest.raises(RuntimeError, match="tracker down"):
-        small_fit(tmp_path, [cb], logger=BrokenLogger(str(tmp_path / "csv")), max_epochs=1)
+        small_fit(tmp_path, [cb], logger=_BrokenLogger(str(tmp_path / "csv")), max_epochs=1)
     assert (tmp_path / "out" / "loss_surface.npz").exists()
+
+
+def test_a_failing_analysis_warns_with_its_traceback_and_the_fit_goes_on(tmp_path):
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_landscape import LandscapeWarning
+
+    def broken_after_moving_weights(module, batch):
+        with torch.no_grad():
+            next(module.parameters()).add_(1.0)  # the analysis moved the weights, then failed
+        raise ValueError("user loss broke")
+
+    before = {}
+    record = _OnFitEnd(lambda module: before.update({k: v.clone() for k, v in module.state_dict().items()}))
+    first = LossSurface(dims=1, resolution=3, progress=False, loss_fn=broken_after_moving_weights)
+    second = HessianSpectrum(num_batches=1, trace=False, density=False)  # runs after the failure
+    logger = TensorBoardLogger(str(tmp_path))
+    with pytest.warns(LandscapeWarning, match=r"(?s)LossSurface\('loss_surface'\) failed.*user loss broke"):
+        trainer, model, _ = small_fit(tmp_path, [record, first, second], logger=logger, max_epochs=1)
+    assert first.landscape is None and second.report is not None
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    assert "loss_surface/error/text_summary" in acc.Tags()["tensors"]
 
 
 def test_constructing_a_callback_creates_no_directory(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from matplotlib.figure import Figure
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.seed import isolate_rng
 from typing_extensions import override
 
@@ -28,12 +29,15 @@ from lightning_landscape import _lightning
 from lightning_landscape import _validation as v
 from lightning_landscape.callbacks._module_loss import ModuleLossFn, module_batch_loss
 from lightning_landscape.data import Reduce, cache_batches, model_device
+from lightning_landscape.errors import LandscapeWarning
 from lightning_landscape.params import trainable_parameters
 from lightning_landscape.state import ModelState, preserved_state
 from lightning_landscape.surface import GridEvaluator
-from lightning_landscape.trackers import Publication, SavableResult, publish, write_files
+from lightning_landscape.trackers import Publication, SavableResult, publish, publish_text, write_files
 
 DATA_SOURCES = ("train", "val")
+#: What an analysis that fails does: warn (the run goes on) or raise (after restoring the model).
+ON_ERROR = ("warn", "raise")
 #: Default batches per evaluation point: a surface's loss estimate settles with a few thousand
 #: samples (2,048 at batch size 64), and every grid point costs one pass over these batches.
 DEFAULT_NUM_BATCHES = 32
@@ -170,7 +174,7 @@ class LandscapeCallback(Callback):
         ...     def __init__(self):
         ...         super().__init__()
         ...         self.init_common(data="train", num_batches=None, loss_fn=None, dirpath=None,
-        ...                          progress=None, name="nothing", enabled=True)
+        ...                          progress=None, name="nothing", enabled=True, on_error="warn")
         >>> Nothing().name
         'nothing'
     """
@@ -185,8 +189,10 @@ class LandscapeCallback(Callback):
         progress: bool | None,
         name: str,
         enabled: bool,
+        on_error: str = "warn",
     ) -> None:
         """Check and store the arguments every callback has (see the subclasses' Args)."""
+        self.on_error = misconfigured(v.check_choice, "on_error", on_error, ON_ERROR)
         self.data = misconfigured(v.check_choice, "data", data, DATA_SOURCES)
         self.num_batches = misconfigured(v.check_positive_int, "num_batches", num_batches, allow_none=True)
         self.loss_fn = misconfigured(v.check_callable, "loss_fn", loss_fn, "loss_fn(module, batch) -> Tensor")
@@ -259,6 +265,30 @@ class LandscapeCallback(Callback):
         if self._output_dir is None:
             self._output_dir = self.resolve_output_dir(trainer)
         return self._output_dir
+
+    def run_safely(self, trainer: pl.Trainer, analysis: Callable[[], Any]) -> Any:
+        """Run ``analysis`` under the ``on_error`` policy.
+
+        An exception (the user's loss raising, out of memory, a logger failing) has already
+        left the model restored by the analysis context; with ``"warn"`` it becomes a
+        :class:`~lightning_landscape.LandscapeWarning` with the traceback and a text entry in
+        the run's loggers, and the fit, its checkpoints and the other callbacks go on;
+        ``"raise"`` re-raises it. ``KeyboardInterrupt`` and ``SystemExit`` always propagate.
+        """
+        try:
+            return analysis()
+        except Exception as err:
+            if self.on_error == "raise":
+                raise
+            text = "".join(traceback.format_exception(err))
+            owner = f"{type(self).__name__}({self.name!r})"
+            rank_zero_warn(
+                f"{owner} failed and was skipped (on_error='warn'); the fit goes on.\n{text}", category=LandscapeWarning
+            )
+            if trainer.is_global_zero:
+                with contextlib.suppress(Exception):  # the report of a failure must not fail the run
+                    publish_text(trainer.loggers, f"{self.name}/error", text, trainer.global_step)
+            return None
 
     # --- data and loss -------------------------------------------------------------------------
 

@@ -58,6 +58,9 @@ class HessianSpectrum(LandscapeCallback):
         loss_fn: ``loss_fn(module, batch) -> Tensor`` (Python only).
         name: prefix of the logged keys and file names.
         enabled: turn the callback off without removing it.
+        on_error: ``"warn"``: an analysis that fails (the loss raising, out of memory, a logger
+            failing) becomes a warning with its traceback and a text entry in the loggers, and
+            the fit goes on; ``"raise"``: re-raised. The model is restored either way.
 
     Raises:
         MisconfigurationException: on an invalid argument (``__init__``), ``data="val"``
@@ -86,6 +89,7 @@ class HessianSpectrum(LandscapeCallback):
         loss_fn: Callable[..., torch.Tensor] | None = None,
         name: str = "hessian",
         enabled: bool = True,
+        on_error: Literal["warn", "raise"] = "warn",
     ) -> None:
         super().__init__()
         self.init_common(
@@ -96,6 +100,7 @@ class HessianSpectrum(LandscapeCallback):
             progress=None,
             name=name,
             enabled=enabled,
+            on_error=on_error,
         )
         self.top_k = misconfigured(v.check_positive_int, "top_k", top_k)
         self.lambda_min = bool(lambda_min)
@@ -120,7 +125,7 @@ class HessianSpectrum(LandscapeCallback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled:
-            self.run(trainer, pl_module)
+            self.run_safely(trainer, lambda: self.run(trainer, pl_module))
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> HessianReport:
         """Compute the report now (all ranks), then write and log it (rank zero)."""

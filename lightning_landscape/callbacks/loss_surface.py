@@ -74,6 +74,9 @@ class LossSurface(LandscapeCallback):
         ratio_resolution: grid points per axis of the ratio map.
         name: prefix of the logged keys and file names.
         enabled: turn the callback off without removing it (e.g. from the CLI).
+        on_error: ``"warn"``: an analysis that fails (the loss raising, out of memory, a logger
+            failing) becomes a warning with its traceback and a text entry in the loggers, and
+            the fit goes on; ``"raise"``: re-raised. The model is restored either way.
 
     Raises:
         MisconfigurationException: for an invalid argument (in ``__init__``), or
@@ -111,6 +114,7 @@ class LossSurface(LandscapeCallback):
         ratio_resolution: int = 5,
         name: str = "loss_surface",
         enabled: bool = True,
+        on_error: Literal["warn", "raise"] = "warn",
     ) -> None:
         super().__init__()
         self.init_common(
@@ -121,6 +125,7 @@ class LossSurface(LandscapeCallback):
             progress=progress,
             name=name,
             enabled=enabled,
+            on_error=on_error,
         )
         self.dims = misconfigured(v.check_choice, "dims", dims, (1, 2))
         self.resolution = misconfigured(v.check_positive_int, "resolution", resolution)
@@ -147,12 +152,12 @@ class LossSurface(LandscapeCallback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.run(trainer, pl_module, suffix=f"_epoch{trainer.current_epoch}")
+            self.run_safely(trainer, lambda: self.run(trainer, pl_module, suffix=f"_epoch{trainer.current_epoch}"))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled:
-            self.run(trainer, pl_module)
+            self.run_safely(trainer, lambda: self.run(trainer, pl_module))
 
     # --- work ---------------------------------------------------------------------------------
 

@@ -81,7 +81,7 @@ class TrajectoryPCA(LandscapeCallback):
         snapshot_dtype: ``"float32"``, or ``"float16"``/``"bfloat16"`` to halve the size.
         center: subtract the mean snapshot before the SVD (sklearn-PCA style).
         data, num_batches, metrics, seed, dirpath, log_scale, progress, loss_fn,
-            enabled: as in :class:`~lightning_landscape.LossSurface`; ``seed``
+            enabled, on_error: as in :class:`~lightning_landscape.LossSurface`; ``seed``
             seeds the filler direction of a path that spans fewer than two dimensions.
         name: prefix of the logged keys and file names.
 
@@ -119,6 +119,7 @@ class TrajectoryPCA(LandscapeCallback):
         loss_fn: Callable[..., torch.Tensor] | None = None,
         name: str = "trajectory",
         enabled: bool = True,
+        on_error: Literal["warn", "raise"] = "warn",
     ) -> None:
         super().__init__()
         self.init_common(
@@ -129,6 +130,7 @@ class TrajectoryPCA(LandscapeCallback):
             progress=progress,
             name=name,
             enabled=enabled,
+            on_error=on_error,
         )
         if (every_n_steps is None) == (every_n_epochs is None):
             raise MisconfigurationException(
@@ -231,8 +233,11 @@ class TrajectoryPCA(LandscapeCallback):
         if not self.enabled or self.store is None:
             return
         self._views, self._buffer = [], None  # no more snapshots: free the model-sized buffer before the PCA
+        self.run_safely(trainer, lambda: self._run_or_explain(trainer, pl_module))
+
+    def _run_or_explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Landscape | None:
         try:
-            self.run(trainer, pl_module)
+            return self.run(trainer, pl_module)
         except TooFewSnapshotsError as err:
             rank_zero_warn(
                 f"TrajectoryPCA: {err.count} snapshot(s) were taken and the PCA needs at least {err.minimum}; "
@@ -240,6 +245,7 @@ class TrajectoryPCA(LandscapeCallback):
                 f"(now {self.every_n_steps if self.every_n_steps else self.every_n_epochs}) or train longer.",
                 category=LandscapeWarning,
             )
+            return None
 
     # --- work -----------------------------------------------------------------------------------
 

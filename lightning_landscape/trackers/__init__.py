@@ -53,6 +53,19 @@ def publish(loggers: Iterable[Any], pub: Publication) -> None:
         tracker.publish(pub)
 
 
+def publish_text(loggers: Iterable[Any], key: str, text: str, step: int) -> None:
+    """Record ``text`` (e.g. an analysis' traceback) in every logger that keeps text.
+
+    W&B: a one-cell table under ``key``; TensorBoard: ``add_text``; others keep no text.
+    """
+    for logger in loggers:
+        if WandbTracker.accepts(logger):
+            logger.log_text(key, columns=["text"], data=[[text]], step=step)
+        elif TensorBoardTracker.accepts(logger):
+            logger.experiment.add_text(key, f"<pre>{text}</pre>", global_step=step)
+            logger.experiment.flush()
+
+
 __all__ = [
     "TRACKERS",
     "Publication",
@@ -62,6 +75,7 @@ __all__ = [
     "Tracker",
     "WandbTracker",
     "publish",
+    "publish_text",
     "trackers_for",
     "write_files",
 ]
