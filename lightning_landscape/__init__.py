@@ -2,7 +2,8 @@
 
 Filter-normalized loss surfaces (Li et al., NeurIPS 2018), linear interpolation
 (Goodfellow et al., 2015), optimization trajectories on their PCA plane, and the
-figures that show them; Hessian checks (λmax, λmin, |λmin/λmax|, trace, density). The functional core imports no Lightning; the callbacks
+figures that show them; Hessian checks (λmax, λmin, |λmin/λmax|, trace, density). The
+functional core imports no Lightning; the callbacks
 (``LossSurface``, ``TrajectoryPCA``, ``HessianSpectrum``) load it on first use.
 """
 
@@ -12,12 +13,14 @@ from lightning_landscape._versions import package_version as _package_version
 from lightning_landscape.directions import random_direction
 from lightning_landscape.errors import LandscapeWarning
 from lightning_landscape.hessian import HessianOperator, HessianReport, SpectralDensity, hessian_check, ratio_map
-from lightning_landscape.plots import plot_density, plot_eigenvalues, plot_ratio_map
 from lightning_landscape.plots import (
     landscape_figures,
     plot_contour,
     plot_curve,
+    plot_density,
+    plot_eigenvalues,
     plot_heatmap,
+    plot_ratio_map,
     plot_surface_3d,
     plotly_surface,
 )

@@ -182,3 +182,26 @@ def check_writable_dir(name: str, path: str | os.PathLike, *, keep: bool = True)
                 with contextlib.suppress(OSError):
                     directory.rmdir()
     return path
+
+
+#: The largest grid an analysis accepts: a million points is already days of forward passes.
+MAX_GRID_POINTS = 10**6
+
+
+def check_resolution(name: str, value: Any, dims: int) -> int:
+    """A grid resolution: an int >= 2 per axis (one point is no surface) with at most
+    :data:`MAX_GRID_POINTS` points in all.
+
+    Example:
+        >>> check_resolution("resolution", 21, 2)
+        21
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 2:
+        raise ValueError(f"`{name}`={value!r} is not valid; expected an integer >= 2 (points per axis).")
+    if int(value) ** dims > MAX_GRID_POINTS:
+        most = int(MAX_GRID_POINTS ** (1 / dims) + 1e-9)
+        raise ValueError(
+            f"`{name}`={value!r} gives {int(value) ** dims:,} grid points in {dims}-D; expected at most "
+            f"{MAX_GRID_POINTS:,} (resolution <= {most})."
+        )
+    return int(value)

@@ -18,8 +18,11 @@ from lightning_landscape._validation import short_list
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters with ``requires_grad=True``, keyed by name, in model order.
 
+    A parameter shared by several modules (tied weights) appears once.
+
     Raises:
-        ValueError: if the model has none.
+        ValueError: if the model has none, or has complex ones (not supported: their imaginary
+            parts would be silently dropped).
 
     Example:
         >>> model = nn.Linear(3, 2)
@@ -28,6 +31,13 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         ['weight']
     """
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    complex_ = [name for name, p in params.items() if p.is_complex()]
+    if complex_:
+        raise ValueError(
+            f"`model` ({type(model).__name__}) has complex parameters {short_list(complex_)}; the analyses "
+            "support real floating-point parameters only (freeze them with requires_grad_(False), or split them "
+            "into real and imaginary parts)."
+        )
     if not params:
         raise ValueError(
             f"`model` ({type(model).__name__}) has no trainable parameters; "
@@ -75,7 +85,8 @@ def flatten_parameters(
     missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(
-            f"`names` holds {short_list(missing)}, not found in `params`; expected names from {short_list(list(params))}."
+            f"`names` holds {short_list(missing)}, not found in `params`; "
+            f"expected names from {short_list(list(params))}."
         )
     tensors = []
     for n in names:
@@ -195,3 +206,17 @@ class Plane:
         """Put θ* back."""
         with torch.no_grad():
             torch._foreach_copy_(self.targets, self.center)
+
+
+def check_finite_weights(params: Mapping[str, torch.Tensor]) -> None:
+    """``ValueError`` naming the parameters that hold NaN or Inf (a diverged model), before any work.
+
+    Example:
+        >>> check_finite_weights({"w": torch.ones(2)})
+    """
+    bad = [name for name, p in params.items() if not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        raise ValueError(
+            f"the model's weights are not finite in {short_list(bad)} (NaN or Inf: training diverged?); "
+            "a landscape around them has no meaning. Lower the learning rate or analyse an earlier checkpoint."
+        )

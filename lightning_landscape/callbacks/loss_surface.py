@@ -45,7 +45,7 @@ class LossSurface(LandscapeCallback):
 
     Args:
         dims: 1 for a curve, 2 for a surface.
-        resolution: grid points per axis.
+        resolution: grid points per axis (>= 2; at most a million points in all).
         span: the grid covers [-span, span] on each axis (in units of the
             filter-normalized direction).
         axis_ranges: ``[lo, hi]`` per axis, overriding ``span``.
@@ -128,7 +128,7 @@ class LossSurface(LandscapeCallback):
             on_error=on_error,
         )
         self.dims = misconfigured(v.check_choice, "dims", dims, (1, 2))
-        self.resolution = misconfigured(v.check_positive_int, "resolution", resolution)
+        self.resolution = misconfigured(v.check_resolution, "resolution", resolution, self.dims)
         self.span = misconfigured(v.check_positive_float, "span", span)
         self.axis_ranges = misconfigured(_check_axis_ranges, axis_ranges, self.dims)
         self.norm = misconfigured(v.check_choice, "norm", norm, NORMS)
@@ -142,7 +142,7 @@ class LossSurface(LandscapeCallback):
         self.ratio_map = bool(ratio_map)
         if self.ratio_map and self.dims != 2:
             raise MisconfigurationException(f"`ratio_map`=True needs a 2-D surface; got `dims`={self.dims}.")
-        self.ratio_resolution = misconfigured(v.check_positive_int, "ratio_resolution", ratio_resolution)
+        self.ratio_resolution = misconfigured(v.check_resolution, "ratio_resolution", ratio_resolution, 2)
         #: The last computed landscape and ratio map (on every rank).
         self.landscape: Landscape | None = None
         self.ratio_landscape: Landscape | None = None

@@ -139,7 +139,7 @@ class TrajectoryPCA(LandscapeCallback):
             )
         self.every_n_steps = misconfigured(v.check_positive_int, "every_n_steps", every_n_steps, allow_none=True)
         self.every_n_epochs = misconfigured(v.check_positive_int, "every_n_epochs", every_n_epochs, allow_none=True)
-        self.resolution = misconfigured(v.check_positive_int, "resolution", resolution)
+        self.resolution = misconfigured(v.check_resolution, "resolution", resolution, 2)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not np.isfinite(margin) or margin < 0:
             raise MisconfigurationException(f"`margin`={margin!r} is not valid; expected a finite number >= 0.")
         self.margin = float(margin)

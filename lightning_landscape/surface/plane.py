@@ -12,7 +12,7 @@ from lightning_landscape import _versions
 from lightning_landscape._validation import as_direction_list, as_grid_coords
 from lightning_landscape.data import ForwardFn, LossFn, make_batch_loss, model_device
 from lightning_landscape.directions import Direction, check_direction
-from lightning_landscape.params import Plane, trainable_parameters
+from lightning_landscape.params import Plane, check_finite_weights, trainable_parameters
 from lightning_landscape.results import Landscape
 from lightning_landscape.state import preserved_state
 from lightning_landscape.surface.evaluator import GridEvaluator
@@ -46,6 +46,7 @@ def surface_from_evaluator(
     """
     dirs = as_direction_list(directions)
     params = trainable_parameters(model)
+    check_finite_weights(params)  # before any grid point is spent
     for k, d in enumerate(dirs):
         check_direction("directions" if len(dirs) == 1 else f"directions[{k}]", d, params)
     grid = as_grid_coords(coords, len(dirs))

@@ -188,6 +188,11 @@ def _gram_spectrum(matrix: _TrajectoryMatrix) -> tuple[torch.Tensor, torch.Tenso
     for _, _, block, _ in matrix.blocks():
         gram.addmm_(block, block.T)
     gram = (gram + gram.T) / 2
+    if not bool(torch.isfinite(gram).all()):
+        raise ValueError(
+            "the snapshots hold NaN or Inf weights (training diverged?), so the trajectory has no principal "
+            "directions; lower the learning rate, or record snapshots only up to the divergence."
+        )
     evals, evecs = torch.linalg.eigh(gram)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)  # decreasing
     tol = float(evals[0]) * n * _RANK_RTOL

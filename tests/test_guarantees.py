@@ -1,0 +1,103 @@
+"""Bad input and broken states are caught before training time or grid points are spent,
+each with a message naming the argument, the value and what is accepted."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_landscape import (
+    Landscape,
+    LossSurface,
+    SnapshotStore,
+    TrajectoryPCA,
+    loss_surface,
+    random_direction,
+    trajectory_pca,
+)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: LossSurface(resolution=1), r"`resolution`=1 is not valid; expected an integer >= 2"),
+        (lambda: LossSurface(resolution=10**6), r"`resolution`=1000000 gives 1,000,000,000,000 grid points.*<= 1000"),
+        (lambda: LossSurface(dims=1, resolution=10**6 + 1), r"at most 1,000,000"),
+        (lambda: LossSurface(ratio_map=True, ratio_resolution=1), r"`ratio_resolution`=1 is not valid"),
+        (lambda: TrajectoryPCA(every_n_steps=1, resolution=1), r"`resolution`=1 is not valid"),
+        (
+            lambda: LossSurface(on_error="ignore"),
+            r"`on_error`='ignore' is not supported; accepted values: 'warn', 'raise'",
+        ),
+        (lambda: LossSurface(name="a/b"), r"`name`='a/b' is not valid"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(make, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        make()
+
+
+def test_complex_parameters_are_rejected_not_silently_dropped():
+    model = nn.Linear(2, 1)
+    model.weight = nn.Parameter(torch.ones(1, 2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"complex parameters \['weight'\]"):
+        random_direction(model)
+
+
+def test_nan_weights_are_reported_before_any_grid_point():
+    calls = {"n": 0}
+
+    def loss_fn(outputs, targets):
+        calls["n"] += 1
+        return F.mse_loss(outputs, targets)
+
+    model = nn.Linear(2, 1)
+    direction = random_direction(model)
+    with torch.no_grad():
+        model.bias.fill_(float("nan"))
+    data = [(torch.ones(3, 2), torch.zeros(3, 1))]
+    with pytest.raises(ValueError, match=r"weights are not finite in \['bias'\].*diverged"):
+        loss_surface(model, data, direction, [np.linspace(-1, 1, 5)], loss_fn=loss_fn)
+    assert calls["n"] == 0
+
+
+def test_nan_snapshots_give_a_clear_message_not_a_linear_algebra_error():
+    store = SnapshotStore(4)
+    for step, value in enumerate([0.0, 1.0, float("nan"), 3.0]):
+        store.append(torch.full((4,), value), step=step, epoch=0)
+    with pytest.raises(ValueError, match="NaN or Inf weights.*diverged"):
+        trajectory_pca(store, torch.zeros(4), 2)
+
+
+def test_the_center_loss_is_the_loss_at_theta_star_for_an_even_resolution():
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    data = [(torch.randn(8, 2), torch.randn(8, 1))]
+    ls = loss_surface(model, data, random_direction(model), [np.linspace(-1, 1, 4)], loss_fn=F.mse_loss)
+    with torch.no_grad():
+        exact = F.mse_loss(model(data[0][0]), data[0][1]).item()
+    assert 0.0 not in ls.coords[0]
+    assert ls.metadata["center_loss"] == pytest.approx(exact, rel=1e-6)
+    assert ls.summary()["center_loss"] == pytest.approx(exact, rel=1e-6)
+
+
+def test_loading_a_file_that_is_not_a_result_names_it(tmp_path):
+    good = Landscape(coords=[np.arange(3.0)], values={"loss": np.ones(3)}).save(tmp_path / "ok.npz")
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[:100])
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, x=np.arange(3))
+    text = tmp_path / "notes.npz"
+    text.write_text("hello")
+    for path in (truncated, foreign, text):
+        with pytest.raises(ValueError, match=rf"`path`='{path}'.*expected a result saved by lightning_landscape"):
+            Landscape.load(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Landscape.load(tmp_path / "missing.npz")
+    assert zipfile.is_zipfile(good) and Landscape.load(good).loss.tolist() == [1.0, 1.0, 1.0]
