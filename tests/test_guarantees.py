@@ -7,11 +7,13 @@ import zipfile
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn import functional as F
 
+from examples.digits import DigitsClassifier, DigitsDataModule
 from lightning_landscape import (
     Landscape,
     LossSurface,
@@ -101,3 +103,60 @@ def test_loading_a_file_that_is_not_a_result_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Landscape.load(tmp_path / "missing.npz")
     assert zipfile.is_zipfile(good) and Landscape.load(good).loss.tolist() == [1.0, 1.0, 1.0]
+
+
+class _Manual(DigitsClassifier):
+    """The digits CNN with manual optimization: its training_step steps the optimizer."""
+
+    def __init__(self, with_landscape_step: bool) -> None:
+        super().__init__(channels=4)
+        self.automatic_optimization = False
+        self.with_landscape_step = with_landscape_step
+        self.steps = 0
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        self.manual_backward(loss)
+        opt.step()
+        self.steps += 1
+        return loss
+
+    def landscape_step(self, batch):
+        if not self.with_landscape_step:
+            raise AssertionError("not used")
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+def _manual_fit(tmp_path, model, callbacks):
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, DigitsDataModule(batch_size=32, num_train=64))
+    return trainer
+
+
+def test_manual_optimization_without_landscape_step_fails_before_training(tmp_path):
+    model = _Manual(with_landscape_step=False)
+    model.landscape_step = None  # no landscape_step at all
+    with pytest.raises(MisconfigurationException, match=r"manual optimization.*landscape_step"):
+        _manual_fit(tmp_path, model, [LossSurface(dims=1, resolution=3, progress=False)])
+    assert model.steps == 0
+
+
+def test_manual_optimization_with_landscape_step_works_and_trains_nothing_more(tmp_path):
+    model = _Manual(with_landscape_step=True)
+    surface = LossSurface(dims=1, resolution=3, progress=False, on_error="raise")
+    _manual_fit(tmp_path, model, [surface])
+    assert (
+        surface.landscape.complete
+        and model.steps == 2
+        and surface.landscape.metadata["loss_source"] == "landscape_step"
+    )

@@ -233,8 +233,24 @@ class LandscapeCallback(Callback):
             self.check_module(pl_module)
 
     def check_module(self, pl_module: pl.LightningModule) -> dict[str, torch.nn.Parameter]:
-        """The module's trainable parameters; ``MisconfigurationException`` when there are none."""
+        """The module's trainable parameters; ``MisconfigurationException`` when there are none,
+        or when the loss would come from a manual-optimization ``training_step`` (which steps the
+        optimizers itself: calling it would train the model during the analysis)."""
+        manual = not pl_module.automatic_optimization
+        if manual and self.loss_fn is None and not callable(getattr(pl_module, "landscape_step", None)):
+            raise MisconfigurationException(
+                f"{type(self).__name__}: {type(pl_module).__name__} uses manual optimization "
+                "(automatic_optimization=False), so its training_step steps the optimizers and cannot be "
+                "the analysis' loss; define landscape_step(batch) returning the loss, or pass "
+                "loss_fn(module, batch) -> Tensor."
+            )
         return misconfigured(trainable_parameters, pl_module)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Two instances of one callback (e.g. two LossSurface with different names) keep their own state.
+        return self._generate_state_key(name=self.name)
 
     def resolve_output_dir(self, trainer: pl.Trainer) -> Path:
         """Where this run's files go, decided on global rank zero and broadcast; checked writable.

@@ -282,6 +282,7 @@ class TrajectoryPCA(LandscapeCallback):
         self.store.append(vec, step=trainer.global_step, epoch=epochs_done)  # type: ignore[union-attr]
 
     @property
+    @override
     def state_key(self) -> str:
         # Several TrajectoryPCA callbacks in one Trainer (e.g. every step and every epoch) each keep their state.
         return self._generate_state_key(
