@@ -154,12 +154,14 @@ class GridEvaluator:
         *,
         progress: bool | None = None,
         description: str = "landscape",
+        on_point: Callable[[Landscape], None] | None = None,
     ) -> Landscape:
         """Evaluate every point of ``landscape`` not yet evaluated, writing results in place.
 
         ``set_point(index)`` puts the weights of grid point ``index`` into the model.
         Points are written one by one, so an interruption leaves a consistent partial result.
         ``progress``: a bar (True; None on a terminal), log lines (None off a terminal), nothing (False).
+        ``on_point(landscape)`` runs after each point (e.g. to save a partial result).
         """
         todo = [idx for idx in np.ndindex(*landscape.shape) if not landscape.evaluated[idx]]  # type: ignore[index]
         cost = f"{len(self.batches)} forward pass(es)"
@@ -171,6 +173,8 @@ class GridEvaluator:
                     landscape.values[name] = np.full(landscape.shape, np.nan)
                 landscape.values[name][idx] = value
             landscape.evaluated[idx] = True  # type: ignore[index]
+            if on_point is not None:
+                on_point(landscape)
         landscape.metadata["num_nonfinite"] = landscape.num_nonfinite
         landscape.metadata["num_samples"] = self.num_samples
         return landscape

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,7 @@ from lightning_landscape.params import Plane, check_finite_weights, trainable_pa
 from lightning_landscape.results import Landscape
 from lightning_landscape.state import preserved_state
 from lightning_landscape.surface.evaluator import GridEvaluator
+from lightning_landscape.surface.resume import PartialSaver, checkpointed, fingerprint, load_partial
 
 
 def surface_from_evaluator(
@@ -26,13 +29,14 @@ def surface_from_evaluator(
     *,
     progress: bool | None = None,
     metadata: dict[str, Any] | None = None,
-    resume: Landscape | None = None,
+    resume: Landscape | str | os.PathLike | None = None,
 ) -> Landscape:
     """Evaluate f(α, β) = L(θ* + αδ + βη) with a ready :class:`GridEvaluator`.
 
     This is :func:`loss_surface` for callers that build their own evaluator (a
     Lightning module's loss, a cross-process ``reduce``). ``resume`` continues a
-    partial result of the same grid. See :func:`loss_surface` for the rest.
+    partial result of the same grid: a :class:`Landscape`, or a path as in :func:`loss_surface`.
+    See :func:`loss_surface` for the rest.
 
     Example:
         >>> from lightning_landscape import random_direction
@@ -51,24 +55,26 @@ def surface_from_evaluator(
         check_direction("directions" if len(dirs) == 1 else f"directions[{k}]", d, params)
     grid = as_grid_coords(coords, len(dirs))
     meta = {"kind": "surface", **_versions.collect(), **(metadata or {})}
-    if resume is not None:
-        if resume.shape != tuple(len(c) for c in grid) or not all(
-            np.array_equal(a, b) for a, b in zip(resume.coords, grid)
-        ):
-            raise ValueError("`resume` was computed on another grid; expected the same `coords`.")
-        landscape = resume
-    else:
-        landscape = Landscape.empty(grid, evaluator.metrics, meta)
+    meta["fingerprint"] = fingerprint(
+        [*params.values(), *(d[n] for d in dirs for n in params)],
+        evaluator.batches,
+        {"coords": [c.tolist() for c in grid], "metadata": {k: v for k, v in meta.items() if k not in VOLATILE}},
+    )
+    save_to = None if resume is None or isinstance(resume, Landscape) else Path(resume)
+    landscape = _starting_point(resume, save_to, meta, grid, evaluator)
 
     with preserved_state(model) as state:
         plane = Plane(params, state.parameters, dirs)
-        evaluator.run(
-            model,
-            landscape,
-            lambda idx: plane.set([float(grid[axis][i]) for axis, i in enumerate(idx)]),
-            progress=progress,
-            description="loss surface",
-        )
+
+        def evaluate_grid(on_point: Any) -> Landscape:
+            def set_point(idx: tuple[int, ...]) -> None:
+                plane.set([float(grid[axis][i]) for axis, i in enumerate(idx)])
+
+            return evaluator.run(
+                model, landscape, set_point, progress=progress, description="loss surface", on_point=on_point
+            )
+
+        checkpointed(evaluate_grid, PartialSaver(save_to), landscape)
         if "center_loss" not in landscape.metadata:
             origin = tuple(int(np.argmin(np.abs(c))) for c in grid)
             if all(grid[a][i] == 0 for a, i in enumerate(origin)) and landscape.evaluated[origin]:  # type: ignore[index]
@@ -76,7 +82,27 @@ def surface_from_evaluator(
             else:  # θ* is not a grid point: evaluate it, so center_loss is always the loss at θ* itself
                 plane.reset()
                 landscape.metadata["center_loss"] = evaluator.evaluate(model)["loss"]
+    landscape.metadata["partial"] = False
+    if save_to is not None:
+        landscape.save(save_to)
     return landscape
+
+
+#: Metadata that changes from run to run without changing any value: not part of the fingerprint.
+VOLATILE = ("fingerprint", "partial", "center_loss", "num_nonfinite", "num_samples", "global_step", "epoch")
+
+
+def _starting_point(
+    resume: Landscape | Path | None, save_to: Path | None, meta: dict[str, Any], grid: list, evaluator: GridEvaluator
+) -> Landscape:
+    if isinstance(resume, Landscape):
+        if resume.shape != tuple(len(c) for c in grid) or not all(
+            np.array_equal(a, b) for a, b in zip(resume.coords, grid)
+        ):
+            raise ValueError("`resume` was computed on another grid; expected the same `coords`.")
+        return resume
+    found = load_partial(save_to, meta["fingerprint"], grid) if save_to is not None else None
+    return found if found is not None else Landscape.empty(grid, evaluator.metrics, meta)
 
 
 def loss_surface(
@@ -91,6 +117,7 @@ def loss_surface(
     num_batches: int | None = None,
     progress: bool | None = None,
     metadata: dict[str, Any] | None = None,
+    resume: str | os.PathLike | None = None,
 ) -> Landscape:
     """Loss (and metrics) on a 1-D or 2-D slice θ* + αδ + βη through the model's weights.
 
@@ -108,6 +135,11 @@ def loss_surface(
         num_batches: use at most this many batches of ``data``.
         progress: show a progress bar; ``None`` shows it only on a terminal.
         metadata: extra facts to store (e.g. the directions' ``norm`` and ``seed``).
+        resume: a ``.npz`` path: the result is saved there as it grows (every 30 s and when
+            interrupted, SIGTERM included, marked ``partial``) and at the end; a partial file
+            made with the same weights, directions, grid, data and settings is continued (only
+            the missing points are evaluated, bit for bit as an uninterrupted run); any other
+            file there is replaced, with a log line saying why.
 
     Returns:
         a :class:`Landscape` with ``values["loss"]`` of shape ``(len(α),)`` or ``(len(α), len(β))``.
@@ -134,4 +166,4 @@ def loss_surface(
     evaluator = GridEvaluator(
         data, make_batch_loss(loss_fn, forward_fn), metrics=metrics, device=model_device(model), num_batches=num_batches
     )
-    return surface_from_evaluator(model, evaluator, dirs, grid, progress=progress, metadata=metadata)
+    return surface_from_evaluator(model, evaluator, dirs, grid, progress=progress, metadata=metadata, resume=resume)

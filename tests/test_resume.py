@@ -1,0 +1,114 @@
+"""An interrupted surface leaves a valid partial file and resumes to the uninterrupted result, bit for bit."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lightning_landscape import Landscape, loss_surface
+
+from .conftest import ROOT
+
+SETUP = """
+import sys, time, numpy as np, torch
+from torch import nn
+from torch.nn import functional as F
+from lightning_landscape import loss_surface, random_direction
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+data = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(2)]
+dirs = [random_direction(model, seed=0), random_direction(model, seed=1)]
+coords = [np.linspace(-1, 1, 7)] * 2
+"""
+
+
+def _problem():
+    namespace: dict = {}
+    exec(SETUP, namespace)  # the same model, data and directions as the subprocess
+    return namespace["model"], namespace["data"], namespace["dirs"], namespace["coords"]
+
+
+def test_keyboard_interrupt_leaves_a_partial_file_that_resumes_bit_for_bit(tmp_path):
+    model, data, dirs, coords = _problem()
+    full = loss_surface(model, data, dirs, coords, loss_fn=F.cross_entropy, progress=False)
+    calls = {"n": 0}
+
+    def interrupting(outputs, targets):
+        calls["n"] += 1
+        if calls["n"] == 2 * 20 + 1:  # the 21st point (2 batches a point)
+            raise KeyboardInterrupt
+        return F.cross_entropy(outputs, targets)
+
+    path = tmp_path / "surface.npz"
+    with pytest.raises(KeyboardInterrupt):
+        loss_surface(model, data, dirs, coords, loss_fn=interrupting, progress=False, resume=path)
+    partial = Landscape.load(path)
+    assert partial.metadata["partial"] and int(partial.evaluated.sum()) == 20
+
+    calls["n"] = 0
+
+    def counting(outputs, targets):
+        calls["n"] += 1
+        return F.cross_entropy(outputs, targets)
+
+    resumed = loss_surface(model, data, dirs, coords, loss_fn=counting, progress=False, resume=path)
+    assert calls["n"] == 2 * (49 - 20)  # only the missing points
+    np.testing.assert_array_equal(resumed.loss, full.loss)
+    assert not Landscape.load(path).metadata["partial"]
+
+
+def test_other_weights_start_over(tmp_path, caplog):
+    model, data, dirs, coords = _problem()
+    path = tmp_path / "surface.npz"
+    loss_surface(model, data, dirs, coords[:1] * 2, loss_fn=F.cross_entropy, progress=False, resume=path)
+    with torch.no_grad():
+        model[0].bias.add_(0.5)
+    again = loss_surface(model, data, dirs, coords, loss_fn=F.cross_entropy, progress=False, resume=path)
+    assert again.complete and "starting over" in caplog.text
+
+
+def test_sigterm_mid_grid_then_a_second_run_completes_it(tmp_path):
+    path = tmp_path / "surface.npz"
+    marker = tmp_path / "started"
+    slow = SETUP + textwrap.dedent(
+        f"""
+        calls = 0
+        def loss_fn(outputs, targets):
+            global calls
+            calls += 1
+            if calls == 30:
+                open({str(marker)!r}, "w").close()
+            if calls >= 30:
+                time.sleep(0.05)
+            return F.cross_entropy(outputs, targets)
+        loss_surface(model, data, dirs, coords, loss_fn=loss_fn, progress=False, resume={str(path)!r})
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", slow], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode != 0 and "SIGTERM" in err
+    partial = Landscape.load(path)  # valid, not corrupt
+    assert partial.metadata["partial"] and 0 < int(partial.evaluated.sum()) < 49
+
+    finish = (
+        SETUP
+        + f"loss_surface(model, data, dirs, coords, loss_fn=F.cross_entropy, progress=False, resume={str(path)!r})"
+    )
+    subprocess.run([sys.executable, "-c", finish], cwd=ROOT, check=True, timeout=120)
+    model, data, dirs, coords = _problem()
+    full = loss_surface(model, data, dirs, coords, loss_fn=F.cross_entropy, progress=False)
+    done = Landscape.load(path)
+    assert done.complete and not done.metadata["partial"]
+    np.testing.assert_array_equal(done.loss, full.loss)
