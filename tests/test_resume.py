@@ -112,3 +112,33 @@ def test_sigterm_mid_grid_then_a_second_run_completes_it(tmp_path):
     done = Landscape.load(path)
     assert done.complete and not done.metadata["partial"]
     np.testing.assert_array_equal(done.loss, full.loss)
+
+
+def test_loss_surface_callback_resumes_its_partial_surface(tmp_path):
+    from lightning_landscape import LossSurface
+
+    from .helpers import small_fit
+
+    state = {"calls": 0, "stop_at": None}
+
+    def loss_fn(module, batch):
+        state["calls"] += 1
+        if state["stop_at"] is not None and state["calls"] == state["stop_at"]:
+            raise KeyboardInterrupt
+        return F.cross_entropy(module(batch[0]), batch[1])
+
+    out = tmp_path / "out"
+    cb = LossSurface(resolution=5, num_batches=2, loss_fn=loss_fn, dirpath=str(out), progress=False, interactive=False)
+    trainer, model, _ = small_fit(tmp_path, [cb], max_epochs=1)
+    full = cb.landscape.loss.copy()
+    (out / "loss_surface.npz").unlink()
+
+    state.update(calls=0, stop_at=2 * 10 + 1)  # stop at the 11th point
+    with pytest.raises(KeyboardInterrupt):
+        cb.run(trainer, model)
+    assert int(Landscape.load(out / "loss_surface.npz").evaluated.sum()) == 10
+
+    state.update(calls=0, stop_at=None)
+    cb.run(trainer, model)
+    assert state["calls"] == 2 * (25 - 10)
+    np.testing.assert_array_equal(cb.landscape.loss, full)

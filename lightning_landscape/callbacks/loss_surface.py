@@ -77,6 +77,10 @@ class LossSurface(LandscapeCallback):
         on_error: ``"warn"``: an analysis that fails (the loss raising, out of memory, a logger
             failing) becomes a warning with its traceback and a text entry in the loggers, and
             the fit goes on; ``"raise"``: re-raised. The model is restored either way.
+        resume: save the surface as it grows (marked partial; every 30 s and when interrupted,
+            SIGTERM included) and continue a partial surface of the same analysis found in the
+            output folder (same weights, directions, grid, data), evaluating only the missing
+            points (one process; under DDP the surface starts over).
 
     Raises:
         MisconfigurationException: for an invalid argument (in ``__init__``), or
@@ -115,6 +119,7 @@ class LossSurface(LandscapeCallback):
         name: str = "loss_surface",
         enabled: bool = True,
         on_error: Literal["warn", "raise"] = "warn",
+        resume: bool = True,
     ) -> None:
         super().__init__()
         self.init_common(
@@ -142,6 +147,7 @@ class LossSurface(LandscapeCallback):
         self.ratio_map = bool(ratio_map)
         if self.ratio_map and self.dims != 2:
             raise MisconfigurationException(f"`ratio_map`=True needs a 2-D surface; got `dims`={self.dims}.")
+        self.resume = bool(resume)
         self.ratio_resolution = misconfigured(v.check_resolution, "ratio_resolution", ratio_resolution, 2)
         #: The last computed landscape and ratio map (on every rank).
         self.landscape: Landscape | None = None
@@ -171,8 +177,17 @@ class LossSurface(LandscapeCallback):
         self.output_dir(trainer)  # a collective when not resolved at setup: every rank takes part
         with analysis_context(trainer, pl_module):
             evaluator, directions, metadata = self._prepare(trainer, pl_module)
+            # Resume needs every rank to skip the same points; under DDP (a later round) it starts over.
+            partial = self.output_dir(trainer) / f"{self.name}{suffix}.npz"
+            resume = partial if self.resume and trainer.world_size == 1 else None
             landscape = surface_from_evaluator(
-                pl_module, evaluator, directions, self.coordinates(), progress=self.progress, metadata=metadata
+                pl_module,
+                evaluator,
+                directions,
+                self.coordinates(),
+                progress=self.progress,
+                metadata=metadata,
+                resume=resume,
             )
             ratio = self._ratio_map(trainer, pl_module, evaluator, directions) if self.ratio_map else None
         self.landscape, self.ratio_landscape = landscape, ratio
