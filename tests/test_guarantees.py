@@ -160,3 +160,66 @@ def test_manual_optimization_with_landscape_step_works_and_trains_nothing_more(t
         and model.steps == 2
         and surface.landscape.metadata["loss_source"] == "landscape_step"
     )
+
+
+@pytest.mark.parametrize("everywhere", [False, True])
+def test_non_finite_points_are_kept_as_nan_counted_and_still_written(tmp_path, everywhere):
+    from lightning_landscape import LandscapeWarning
+
+    from .helpers import small_fit
+
+    def loss_fn(module, batch):
+        loss = F.cross_entropy(module(batch[0]), batch[1])
+        return loss * float("inf") if everywhere or loss.item() > 3.0 else loss
+
+    out = tmp_path / "out"
+    cb = LossSurface(dims=1, resolution=9, span=40.0, num_batches=1, loss_fn=loss_fn, dirpath=str(out), progress=False)
+    with pytest.warns(
+        LandscapeWarning, match=r"grid points have a non-finite loss" + (r".*all of them" if everywhere else "")
+    ):
+        small_fit(tmp_path, [cb], max_epochs=1)
+    ls = Landscape.load(out / "loss_surface.npz")
+    bad = int(np.isnan(ls.loss).sum())
+    assert bad == ls.metadata["num_nonfinite"] and (bad == 9 if everywhere else 0 < bad < 9)
+    assert (out / "loss_surface_curve.png").exists()
+
+
+class _Regression(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 1)
+        self.steps = 0
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.mse_loss(self(batch[0]), batch[1])
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.steps += 1  # a training step really started
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: LossSurface(metrics=["accuracy"]), lambda: TrajectoryPCA(every_n_steps=1, metrics=["accuracy"])]
+)
+def test_metrics_that_do_not_fit_the_outputs_fail_before_training(tmp_path, make):
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randn(8, 1)), batch_size=4
+    )
+    model = _Regression()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[make()],
+        default_root_dir=tmp_path,
+        enable_model_summary=False,
+    )
+    with pytest.raises(MisconfigurationException, match=r"`metrics`=\['accuracy'\] do not fit _Regression's outputs"):
+        trainer.fit(model, data)
+    assert model.steps == 0

@@ -246,6 +246,22 @@ class LandscapeCallback(Callback):
             )
         return misconfigured(trainable_parameters, pl_module)
 
+    def check_metrics_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: Sequence[Any]) -> None:
+        """Evaluate the loss and ``metrics`` once on one batch, before training, so that metrics that
+        do not fit the outputs (accuracy on a regression output) fail now, not after the fit."""
+        if not metrics:
+            return
+        try:
+            with analysis_context(trainer, pl_module):
+                evaluator, _ = self.build_evaluator(trainer, pl_module, metrics, num_batches=1)
+                evaluator.evaluate(pl_module)
+        except (ValueError, RuntimeError, TypeError) as err:
+            raise MisconfigurationException(
+                f"`metrics`={list(metrics)!r} do not fit {type(pl_module).__name__}'s outputs on one batch of the "
+                f"{self.data} data: {err}. Pass metrics that match the outputs (e.g. 'mse' for a regression), "
+                "or a torchmetrics object."
+            ) from err
+
     @property
     @override
     def state_key(self) -> str:
@@ -309,7 +325,11 @@ class LandscapeCallback(Callback):
     # --- data and loss -------------------------------------------------------------------------
 
     def build_evaluator(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: Sequence[Any] = ()
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        metrics: Sequence[Any] = (),
+        num_batches: int | None = -1,
     ) -> tuple[GridEvaluator, str]:
         """The grid evaluator over this fit's data: batches cached on the strategy's device once
         (converted by the precision plugin, as for training), the module's loss (see
@@ -322,7 +342,8 @@ class LandscapeCallback(Callback):
         # Through the precision plugin's input conversion, as Lightning feeds training_step:
         # under "64-true"/"bf16-true" the model's dtype is not the loader's.
         convert = trainer.precision_plugin.convert_input
-        batches = [convert(batch) for batch in cache_batches(loader, device, self.num_batches)]
+        limit = self.num_batches if num_batches == -1 else num_batches
+        batches = [convert(batch) for batch in cache_batches(loader, device, limit)]
         batch_loss, source = module_batch_loss(pl_module, self.loss_fn, want_outputs=bool(metrics))
         evaluator = GridEvaluator(
             batches, batch_loss, metrics=list(metrics), device=device, reduce=strategy_reduce(trainer)
@@ -349,6 +370,16 @@ class LandscapeCallback(Callback):
         :class:`~lightning_landscape.trackers.Publication` extras (``artifact_type``, ``tables``, ...).
         """
         dirpath = self.output_dir(trainer)
+        bad = getattr(result, "num_nonfinite", 0)
+        if bad:
+            total = result.loss.size  # type: ignore[attr-defined]
+            all_bad = " (all of them: the loss is NaN or Inf everywhere on this grid)" if bad == total else ""
+            rank_zero_warn(
+                f"{type(self).__name__}({self.name!r}): {bad} of {total} grid points have a non-finite loss"
+                f"{all_bad}; they are stored as NaN and left blank in the figures. A smaller span keeps the grid "
+                "where the loss is finite.",
+                category=LandscapeWarning,
+            )
         files = {**write_files(dirpath, stem, result, figures), **(extra_files or {})}
         logged = {**figures, **(extra_figures or {})}
         pub = Publication(self.name, trainer.global_step, scalars, logged, files, **publication)

@@ -156,6 +156,12 @@ class LossSurface(LandscapeCallback):
     # --- hooks ------------------------------------------------------------------------------
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.enabled:
+            self.check_metrics_fit(trainer, pl_module, self.metrics)
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.run_safely(trainer, lambda: self.run(trainer, pl_module, suffix=f"_epoch{trainer.current_epoch}"))

@@ -190,6 +190,7 @@ class TrajectoryPCA(LandscapeCallback):
         if not self.enabled:
             return
         params = self.check_module(pl_module)
+        self.check_metrics_fit(trainer, pl_module, self.metrics)
         self._names = list(params)
         # Snapshots are written through flat views into one buffer allocated once: a fresh
         # P-sized tensor per step would cost time on the training path and fragment the heap.
