@@ -223,3 +223,55 @@ def test_metrics_that_do_not_fit_the_outputs_fail_before_training(tmp_path, make
     with pytest.raises(MisconfigurationException, match=r"`metrics`=\['accuracy'\] do not fit _Regression's outputs"):
         trainer.fit(model, data)
     assert model.steps == 0
+
+
+class _BuiltInConfigureModel(pl.LightningModule):
+    """Layers made in configure_model(), as for large models: none exist at setup."""
+
+    def configure_model(self):
+        if not hasattr(self, "layer"):
+            self.layer = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_module_built_in_configure_model_is_analysed(tmp_path):
+    from lightning_landscape import HessianSpectrum
+
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,))), batch_size=4
+    )
+    spectrum = HessianSpectrum(top_k=2, trace=False, density=False)
+    surface = LossSurface(dims=1, resolution=3, progress=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[spectrum, surface],
+        default_root_dir=tmp_path,
+        enable_model_summary=False,
+    )
+    trainer.fit(_BuiltInConfigureModel(), data)
+    assert spectrum.report is not None and len(spectrum.report.eigenvalues) == 2
+    assert surface.landscape.complete
+
+
+def test_sharded_strategies_are_rejected_at_setup(tmp_path):
+    # FSDP and DeepSpeed need GPUs or packages this machine lacks: the check reads the strategy's
+    # class name, so a stand-in named like Lightning's FSDPStrategy exercises it.
+    from pytorch_lightning.strategies import SingleDeviceStrategy
+
+    class FSDPStrategy(SingleDeviceStrategy):
+        pass
+
+    trainer = pl.Trainer(logger=False, strategy=FSDPStrategy(device=torch.device("cpu")), default_root_dir=tmp_path)
+    with pytest.raises(MisconfigurationException, match=r"LossSurface does not support strategy FSDPStrategy.*DDP"):
+        LossSurface().setup(trainer, _Regression(), "fit")
