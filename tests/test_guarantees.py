@@ -275,3 +275,64 @@ def test_sharded_strategies_are_rejected_at_setup(tmp_path):
     trainer = pl.Trainer(logger=False, strategy=FSDPStrategy(device=torch.device("cpu")), default_root_dir=tmp_path)
     with pytest.raises(MisconfigurationException, match=r"LossSurface does not support strategy FSDPStrategy.*DDP"):
         LossSurface().setup(trainer, _Regression(), "fit")
+
+
+def test_a_full_snapshot_disk_stops_the_snapshots_and_training_goes_on(tmp_path, monkeypatch):
+    import errno
+
+    from lightning_landscape import LandscapeWarning
+
+    from .helpers import small_fit
+
+    real = SnapshotStore.append
+
+    def append(self, vec, *, step, epoch):
+        if len(self) >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, vec, step=step, epoch=epoch)
+
+    monkeypatch.setattr(SnapshotStore, "append", append)
+    cb = TrajectoryPCA(every_n_steps=1, resolution=3, num_batches=1, progress=False, storage="disk")
+    with pytest.warns(LandscapeWarning, match=r"No space left on device.*training goes on.*4 snapshot"):
+        trainer, _, _ = small_fit(tmp_path, [cb], max_epochs=2)
+    assert trainer.global_step == 12  # the whole fit ran
+    assert cb.pca is not None and len(cb.pca.path) == 4 + 1  # 4 snapshots + the final weights
+
+
+def test_sigterm_during_training_removes_the_temporary_snapshot_folder(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from .conftest import ROOT
+
+    marker = tmp_path / "training"
+    script = textwrap.dedent(
+        f"""
+        import time, pytorch_lightning as pl
+        from examples.digits import DigitsClassifier, DigitsDataModule
+        from lightning_landscape import TrajectoryPCA
+
+        class Slow(pl.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if trainer.global_step == 2:
+                    open({str(marker)!r}, "w").close()
+                time.sleep(0.2)
+
+        trainer = pl.Trainer(max_epochs=50, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             callbacks=[TrajectoryPCA(every_n_steps=1, storage="disk"), Slow()])
+        trainer.fit(DigitsClassifier(channels=4), DigitsDataModule(batch_size=32, num_train=96))
+        """
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob("lightning_landscape-snapshots-*")), "the temporary folder exists while training"
+    child.send_signal(signal.SIGTERM)
+    child.communicate(timeout=120)
+    assert not list(tmp_path.glob("lightning_landscape-snapshots-*"))

@@ -158,6 +158,7 @@ class TrajectoryPCA(LandscapeCallback):
         self._views: list[torch.Tensor] = []
         self._buffer: torch.Tensor | None = None
         self._restored: dict[str, Any] | None = None
+        self._stopped = ""  # why snapshots stopped (a failing disk), or "" while they go on
         #: Results of the last fit: the PCA and the surface on its plane.
         self.pca: PCAResult | None = None
         self.landscape: Landscape | None = None
@@ -191,6 +192,7 @@ class TrajectoryPCA(LandscapeCallback):
             return
         params = self.check_module(pl_module)
         self.check_metrics_fit(trainer, pl_module, self.metrics)
+        self._stopped = ""
         self._names = list(params)
         # Snapshots are written through flat views into one buffer allocated once: a fresh
         # P-sized tensor per step would cost time on the training path and fragment the heap.
@@ -275,12 +277,22 @@ class TrajectoryPCA(LandscapeCallback):
         )
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, epochs_done: int) -> None:
+        if self._stopped:
+            return
         with torch.no_grad():
             if self._buffer is not None:
                 vec = torch.cat(self._views, out=self._buffer)
             else:
                 vec = flatten_parameters(dict(pl_module.named_parameters()), self._names, device=None)
-        self.store.append(vec, step=trainer.global_step, epoch=epochs_done)  # type: ignore[union-attr]
+        try:
+            self.store.append(vec, step=trainer.global_step, epoch=epochs_done)  # type: ignore[union-attr]
+        except OSError as err:  # a full or failing disk: the trajectory stops, training goes on
+            self._stopped = f"{err}"
+            rank_zero_warn(
+                f"TrajectoryPCA: writing the snapshot at step {trainer.global_step} failed ({err}); no more snapshots "
+                f"are taken, training goes on, and the PCA uses the {len(self.store)} snapshot(s) stored so far.",
+                category=LandscapeWarning,
+            )
 
     @property
     @override
@@ -362,6 +374,11 @@ class TrajectoryPCA(LandscapeCallback):
             f"[TrajectoryPCA] {len(pca.path)} points; PC1 {100 * evr[0]:.1f}%, PC2 {100 * evr[1]:.1f}% of the variation"
         )
         return files
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # An interrupted fit (Ctrl-C, SIGTERM, an error) still removes the temporary snapshot folder.
+        self.teardown(trainer, pl_module, "fit")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
