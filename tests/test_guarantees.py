@@ -336,3 +336,38 @@ def test_sigterm_during_training_removes_the_temporary_snapshot_folder(tmp_path)
     child.send_signal(signal.SIGTERM)
     child.communicate(timeout=120)
     assert not list(tmp_path.glob("lightning_landscape-snapshots-*"))
+
+
+class _Lazy(_BuiltInConfigureModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 2))
+
+
+def test_lazy_modules_are_analysed_once_they_have_their_shapes(tmp_path):
+    from lightning_landscape import HessianSpectrum
+
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(16, 3), torch.randint(0, 2, (16,))), batch_size=4
+    )
+    spectrum = HessianSpectrum(top_k=1, trace=False, density=False, on_error="raise")
+    trajectory = TrajectoryPCA(every_n_steps=1, resolution=3, progress=False, on_error="raise")
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[spectrum, trajectory],
+        default_root_dir=tmp_path,
+        enable_model_summary=False,
+    )
+    trainer.fit(_Lazy(), data)
+    assert spectrum.report is not None and trajectory.pca is not None
+    assert trajectory.pca.steps[0] == 1  # the first snapshot is after the first step, when the shapes exist
+
+
+def test_tied_weights_are_counted_once():
+    model = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Tanh(), nn.Linear(3, 3, bias=False))
+    model[2].weight = model[0].weight
+    direction = random_direction(model, seed=0)
+    assert list(direction) == ["0.weight"]

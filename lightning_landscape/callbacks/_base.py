@@ -130,6 +130,16 @@ def strategy_reduce(trainer: pl.Trainer) -> Reduce:
     return reduce
 
 
+def has_lazy_parameters(module: torch.nn.Module) -> bool:
+    """Whether ``module`` still has lazy parameters (``nn.LazyLinear`` before its first forward).
+
+    Example:
+        >>> has_lazy_parameters(torch.nn.LazyLinear(2)), has_lazy_parameters(torch.nn.Linear(2, 2))
+        (True, False)
+    """
+    return any(torch.nn.parameter.is_lazy(p) for p in module.parameters())
+
+
 def default_output_dir(trainer: pl.Trainer) -> Path:
     """``<save_dir>/<name>/<version>/landscape`` of the first logger, else ``<default_root_dir>/landscape``.
 
@@ -228,8 +238,9 @@ class LandscapeCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After configure_model(): a module that builds its layers there has them only now.
-        if self.enabled:
+        # After configure_model(): a module that builds its layers there has them only now
+        # (lazy modules get their shapes at the first forward: checked when the analysis runs).
+        if self.enabled and not has_lazy_parameters(pl_module):
             self.check_module(pl_module)
 
     def check_module(self, pl_module: pl.LightningModule) -> dict[str, torch.nn.Parameter]:
@@ -249,7 +260,7 @@ class LandscapeCallback(Callback):
     def check_metrics_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: Sequence[Any]) -> None:
         """Evaluate the loss and ``metrics`` once on one batch, before training, so that metrics that
         do not fit the outputs (accuracy on a regression output) fail now, not after the fit."""
-        if not metrics:
+        if not metrics or has_lazy_parameters(pl_module):
             return
         try:
             with analysis_context(trainer, pl_module):

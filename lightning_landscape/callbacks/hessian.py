@@ -17,6 +17,7 @@ from lightning_landscape.callbacks._base import (
     DEFAULT_HESSIAN_BATCHES,
     LandscapeCallback,
     analysis_context,
+    has_lazy_parameters,
     misconfigured,
 )
 from lightning_landscape.hessian import HessianReport, hessian_check
@@ -113,8 +114,8 @@ class HessianSpectrum(LandscapeCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled:
-            return
+        if not self.enabled or has_lazy_parameters(pl_module):
+            return  # lazy modules: shapes exist after the first forward; top_k is checked when the analysis runs
         num_params = sum(p.numel() for p in self.check_module(pl_module).values())
         if self.top_k > num_params:
             raise MisconfigurationException(

@@ -20,6 +20,7 @@ from lightning_landscape.callbacks._base import (
     LandscapeCallback,
     analysis_context,
     check_dirpath_argument,
+    has_lazy_parameters,
     misconfigured,
 )
 from lightning_landscape.errors import LandscapeWarning
@@ -190,9 +191,15 @@ class TrajectoryPCA(LandscapeCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled:
             return
-        params = self.check_module(pl_module)
-        self.check_metrics_fit(trainer, pl_module, self.metrics)
         self._stopped = ""
+        self.store = None
+        if has_lazy_parameters(pl_module):
+            return  # shapes exist after the first forward: the store opens after the first step
+        self.check_metrics_fit(trainer, pl_module, self.metrics)
+        self._open(pl_module)
+
+    def _open(self, pl_module: pl.LightningModule) -> None:
+        params = self.check_module(pl_module)
         self._names = list(params)
         # Snapshots are written through flat views into one buffer allocated once: a fresh
         # P-sized tensor per step would cost time on the training path and fragment the heap.
@@ -219,6 +226,12 @@ class TrajectoryPCA(LandscapeCallback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.enabled and self.store is None and not has_lazy_parameters(pl_module):
+            self._open(pl_module)  # lazy modules: their first snapshot is after the first step
+            self._snapshot(
+                trainer, pl_module, epochs_done=trainer.current_epoch + int(_lightning.is_last_batch(trainer))
+            )
+            return
         if self.enabled and self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             if not self.store.steps or self.store.steps[-1] != trainer.global_step:  # type: ignore[union-attr]
                 # (gradient accumulation: one snapshot per optimizer step). After an epoch's last
@@ -228,7 +241,12 @@ class TrajectoryPCA(LandscapeCallback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.enabled and self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if (
+            self.enabled
+            and self.every_n_epochs
+            and self.store is not None
+            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        ):
             self._snapshot(trainer, pl_module, epochs_done=trainer.current_epoch + 1)
 
     @override
