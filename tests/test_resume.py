@@ -142,3 +142,34 @@ def test_loss_surface_callback_resumes_its_partial_surface(tmp_path):
     cb.run(trainer, model)
     assert state["calls"] == 2 * (25 - 10)
     np.testing.assert_array_equal(cb.landscape.loss, full)
+
+
+def test_a_fit_resumed_from_a_checkpoint_ends_with_the_uninterrupted_results(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from lightning_landscape import HessianSpectrum, LossSurface
+
+    from .helpers import small_fit
+
+    def run(root, max_epochs, ckpt_path=None):
+        surface = LossSurface(dims=1, resolution=5, num_batches=2, progress=False, every_n_epochs=1, on_error="raise")
+        second = LossSurface(dims=1, resolution=3, num_batches=1, progress=False, name="coarse", on_error="raise")
+        spectrum = HessianSpectrum(num_batches=1, trace=False, density=False, on_error="raise")
+        ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1)
+        small_fit(
+            root,
+            [surface, second, spectrum, ckpt],
+            max_epochs=max_epochs,
+            shuffle=False,
+            ckpt_path=ckpt_path,
+            enable_checkpointing=True,
+        )
+        return surface, second, spectrum
+
+    full = run(tmp_path / "full", 3)
+    run(tmp_path / "part", 1)
+    torch.load(next((tmp_path / "part" / "ckpt").glob("*.ckpt")), weights_only=True)  # primitives and tensors only
+    resumed = run(tmp_path / "part", 3, ckpt_path=str(next((tmp_path / "part" / "ckpt").glob("*.ckpt"))))
+    for a, b in zip(full[:2], resumed[:2]):
+        np.testing.assert_array_equal(a.landscape.loss, b.landscape.loss)
+    assert full[2].report.lambda_max == resumed[2].report.lambda_max
