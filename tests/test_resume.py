@@ -72,7 +72,7 @@ def test_other_weights_start_over(tmp_path, caplog):
     with torch.no_grad():
         model[0].bias.add_(0.5)
     again = loss_surface(model, data, dirs, coords, loss_fn=F.cross_entropy, progress=False, resume=path)
-    assert again.complete and "starting over" in caplog.text
+    assert again.complete and "holds a surface with other weights; starting over" in caplog.text
 
 
 def test_sigterm_mid_grid_then_a_second_run_completes_it(tmp_path):

@@ -56,9 +56,12 @@ def surface_from_evaluator(
     grid = as_grid_coords(coords, len(dirs))
     meta = {"kind": "surface", **_versions.collect(), **(metadata or {})}
     meta["fingerprint"] = fingerprint(
-        [*params.values(), *(d[n] for d in dirs for n in params)],
-        evaluator.batches,
-        {"coords": [c.tolist() for c in grid], "metadata": {k: v for k, v in meta.items() if k not in VOLATILE}},
+        {
+            "weights": list(params.values()),
+            "directions": [d[n] for d in dirs for n in params],
+            "data": evaluator.batches,
+            "settings": {k: v for k, v in meta.items() if k not in VOLATILE},
+        }
     )
     save_to = None if resume is None or isinstance(resume, Landscape) else Path(resume)
     landscape = _starting_point(resume, save_to, meta, grid, evaluator)

@@ -39,30 +39,44 @@ class Terminated(BaseException):
     KeyboardInterrupt: ``on_error="warn"`` does not swallow it)."""
 
 
-def fingerprint(tensors: Sequence[torch.Tensor], batches: Sequence[Any], settings: Mapping[str, Any]) -> str:
-    """A SHA-256 over the bytes of ``tensors`` (θ*, the directions), of the cached ``batches`` and of
-    the JSON-able ``settings`` (grid, loss source, ...): equal fingerprints, equal values.
+def digest(value: Any) -> str:
+    """A SHA-256 of ``value``: the bytes, shapes and dtypes of the tensors in it (nested lists,
+    tuples, dicts, batches), and the ``repr`` of everything else.
 
     Example:
-        >>> a = fingerprint([torch.ones(2)], [(torch.zeros(2),)], {"grid": [0, 1]})
-        >>> a == fingerprint([torch.ones(2)], [(torch.zeros(2),)], {"grid": [0, 1]}), len(a)
-        (True, 64)
+        >>> digest([torch.ones(2), {"grid": [0, 1]}]) == digest([torch.ones(2), {"grid": [0, 1]}])
+        True
+        >>> digest(torch.ones(2)) == digest(torch.ones(2, dtype=torch.float64))
+        False
     """
-    digest = hashlib.sha256(repr(sorted(settings.items())).encode())
+    sha = hashlib.sha256()
 
-    def add(t: torch.Tensor) -> None:
-        digest.update(str((tuple(t.shape), str(t.dtype))).encode())
-        digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    def add(t: torch.Tensor) -> str:
+        sha.update(str((tuple(t.shape), str(t.dtype))).encode())
+        sha.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return "<tensor>"
 
-    for t in tensors:
-        add(t)
-    apply_to_collection(list(batches), torch.Tensor, add)
-    return digest.hexdigest()
+    rest = apply_to_collection(value, torch.Tensor, add)
+    sha.update(repr(rest).encode())
+    return sha.hexdigest()
 
 
-def load_partial(path: str | os.PathLike, expected: str, coords: Sequence[np.ndarray]) -> Landscape | None:
-    """The partial result at ``path`` if it was made with fingerprint ``expected`` on ``coords``,
-    else ``None``, saying why it starts over.
+def fingerprint(parts: Mapping[str, Any]) -> dict[str, str]:
+    """One :func:`digest` per named part (``weights``, ``directions``, ``data``, ``settings``), so a
+    mismatch can say which part changed.
+
+    Example:
+        >>> sorted(fingerprint({"weights": [torch.ones(2)], "settings": {"grid": [0, 1]}}))
+        ['settings', 'weights']
+    """
+    return {name: digest(value) for name, value in parts.items()}
+
+
+def load_partial(
+    path: str | os.PathLike, expected: Mapping[str, str], coords: Sequence[np.ndarray]
+) -> Landscape | None:
+    """The partial result at ``path`` if it was made with the fingerprint ``expected`` on ``coords``,
+    else ``None``, with a log line naming what differs.
     """
     path = Path(path)
     if not path.exists():
@@ -72,14 +86,14 @@ def load_partial(path: str | os.PathLike, expected: str, coords: Sequence[np.nda
     except ValueError as err:
         log.warning("lightning_landscape: starting over: %s", err)
         return None
-    same_grid = found.shape == tuple(len(c) for c in coords) and all(
+    stored = found.metadata.get("fingerprint") or {}
+    changed = sorted(k for k in expected if stored.get(k) != expected[k]) if isinstance(stored, dict) else ["all"]
+    if found.shape != tuple(len(c) for c in coords) or not all(
         np.array_equal(a, b) for a, b in zip(found.coords, coords)
-    )
-    if found.metadata.get("fingerprint") != expected or not same_grid:
-        log.warning(
-            "lightning_landscape: %s was computed with other settings, weights, directions or data; starting over.",
-            path,
-        )
+    ):
+        changed.append("grid")
+    if changed:
+        log.warning("lightning_landscape: %s holds a surface with other %s; starting over.", path, ", ".join(changed))
         return None
     done = int(found.evaluated.sum())  # type: ignore[union-attr]
     log.info("lightning_landscape: resuming %s: %d of %d points already evaluated", path, done, found.loss.size)
