@@ -49,13 +49,13 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from examples.digits import digits_cnn, load_digits_tensors  # noqa: E402
-from lightning_landscape.hessian import (
+from lightning_landscape.hessian import (  # noqa: E402
     HessianOperator,
-    _lanczos_extremes,
-    _seed_streams,
-    _trace_estimate,
     hessian_check,
-)  # noqa: E402
+    lanczos_extremes,
+    seed_streams,
+    trace_estimate,
+)
 from lightning_landscape.surface import make_batch_loss  # noqa: E402
 
 TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6)
@@ -145,7 +145,7 @@ def ours_sweep(op: HessianOperator, lambda_min: bool, exact_max: float, exact_mi
     for tol in TOLS:
         op.num_hvp = 0
         t = time.perf_counter()
-        result = _lanczos_extremes(op, 1, lambda_min, tol, _seed_streams(seed)[0])
+        result = lanczos_extremes(op, 1, lambda_min, tol, seed_streams(seed)[0])
         row = {"tol": tol, "hvp": op.num_hvp, "s": time.perf_counter() - t, "max": float(result.top[0])}
         row["err_max"] = rel(row["max"], exact_max)
         row["err_min"] = rel(result.low, exact_min) if lambda_min else None
@@ -161,7 +161,7 @@ def lanczos_oracle(
     """First Lanczos step after which the extreme Ritz values stay within the targets (our Lanczos, no stopping rule)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # tol=1e-15 is not meant to be reached
-        result = _lanczos_extremes(op, 1, True, 1e-15, _seed_streams(seed)[0], maxiter=steps)
+        result = lanczos_extremes(op, 1, True, 1e-15, seed_streams(seed)[0], maxiter=steps)
     tops, bottoms = [h[0] for h in result.history], [h[2] for h in result.history]
     return first_staying(tops, exact_max, TARGET_MAX), first_staying(bottoms, exact_min, TARGET_MIN)
 
@@ -250,7 +250,7 @@ def main() -> None:
     for method in ("hutch++", "hutchinson"):
         op.num_hvp = 0
         t = time.perf_counter()
-        value, stderr = _trace_estimate(op, 60, method, np.random.default_rng(0))
+        value, stderr = trace_estimate(op, 60, method, np.random.default_rng(0))
         ours_traces[method] = (value, stderr, op.num_hvp, time.perf_counter() - t)
 
     # PyHessian, on its own copy (it leaves graphs in .grad).

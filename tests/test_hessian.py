@@ -14,8 +14,8 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from lightning_landscape import random_direction
-from lightning_landscape.hessian import HessianOperator, HessianReport, hessian_check, ratio_map
-from lightning_landscape.hessian_plots import plot_density, plot_eigenvalues, plot_ratio_map
+from lightning_landscape.hessian import HessianOperator, HessianReport, hessian_check, hutchinson, hutchpp, ratio_map
+from lightning_landscape.plots import plot_density, plot_eigenvalues, plot_ratio_map
 from lightning_landscape.surface import make_batch_loss
 
 
@@ -61,7 +61,7 @@ def make_problem(kind: str, dtype: torch.dtype = torch.float64, sizes=(16, 16, 7
 
 
 def exact_hessian(model: nn.Module, data, loss_fn=F.cross_entropy) -> np.ndarray:
-    """Independent reference: torch.func.hessian of the sample-weighted mean loss over the flattened weights, eval mode."""
+    """Independent reference: torch.func.hessian of the sample-weighted mean loss over the flat weights, eval mode."""
     model = model.eval()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     shapes = [p.shape for _, p in named]
@@ -161,6 +161,21 @@ def test_reduce_hook_sees_unnormalized_sums():
     assert reduced.loss() == pytest.approx(plain.loss(), rel=1e-12) and reduced.num_samples == 78
 
 
+def test_operator_reuses_batches_already_on_the_device():
+    # The callbacks pass their evaluator's cached batches: those must not be copied a second time.
+    from lightning_landscape.data import cache_batches
+
+    model, data = make_problem("mlp")
+    cached = cache_batches(data, "cpu")
+    op = HessianOperator(model.eval(), cached, make_batch_loss(F.cross_entropy))
+    for (x, y), (ox, oy) in zip(cached, op.batches):
+        assert ox is x and oy is y and ox.data_ptr() == x.data_ptr() and oy.data_ptr() == y.data_ptr()
+    with torch.inference_mode():  # inference tensors cannot enter autograd: those alone are cloned
+        frozen = [(x.clone(), y.clone()) for x, y in data]
+    op = HessianOperator(model, frozen, make_batch_loss(F.cross_entropy))
+    assert all(not ox.is_inference() and ox.data_ptr() != x.data_ptr() for (x, _), (ox, _) in zip(frozen, op.batches))
+
+
 # --- eigenvalues, trace, density ----------------------------------------------------------------
 
 
@@ -197,6 +212,24 @@ def test_trace_within_three_standard_errors(method):
     )
     assert report.trace_stderr > 0
     assert abs(report.trace - exact) < 3 * report.trace_stderr
+
+
+@pytest.mark.parametrize("estimator", [hutchinson, hutchpp])
+def test_public_trace_estimators_on_a_dense_symmetric_matrix(estimator):
+    from scipy.sparse.linalg import aslinearoperator
+
+    # A network-like spectrum: a few outliers over a bulk, in a random basis (so Rademacher probes are not exact).
+    spectrum = np.concatenate([[40.0, 15.0, -3.0], np.random.default_rng(3).normal(0.5, 1.0, 97)])
+    matrix = rotated(spectrum, 4)
+    exact = np.trace(matrix)
+    for seed in range(5):
+        estimate, stderr = estimator(aslinearoperator(matrix), 30, np.random.default_rng(seed))
+        assert stderr > 0 and abs(estimate - exact) < 4 * stderr, (seed, estimate, exact, stderr)
+    # Deterministic given the generator; a plain matrix works as well as its LinearOperator.
+    again = estimator(aslinearoperator(matrix), 30, np.random.default_rng(0))
+    assert again == estimator(matrix, 30, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="`samples`=1"):
+        estimator(matrix, 1, np.random.default_rng(0))
 
 
 def diagonal_quadratic(curvatures: torch.Tensor):
@@ -256,18 +289,18 @@ def test_lanczos_stopping_rule_meets_tol_on_a_known_spectrum(tol):
 def test_lanczos_error_bounds_hold_at_every_step():
     from scipy.sparse.linalg import aslinearoperator
 
-    from lightning_landscape.hessian import _lanczos_extremes
+    from lightning_landscape.hessian import lanczos_extremes
 
     rng = np.random.default_rng(5)
     spectrum = np.concatenate([rng.normal(0.0, 1.0, 150), [25.0, -6.0]])
     q, _ = np.linalg.qr(rng.standard_normal((152, 152)))
     matrix = (q * spectrum) @ q.T
-    result = _lanczos_extremes(aslinearoperator(matrix), 1, True, 1e-10, np.random.default_rng(0))
+    result = lanczos_extremes(aslinearoperator(matrix), 1, True, 1e-10, np.random.default_rng(0))
     assert result.converged and result.hvp == result.steps == len(result.history) < 60
     tops = np.array([h[0] for h in result.history])
     bottoms = np.array([h[2] for h in result.history])
     assert np.all(np.diff(tops) >= -1e-12) and np.all(np.diff(bottoms) <= 1e-12)  # monotone (interlacing)
-    # At every step each extreme Ritz value is within its residual norm of an eigenvalue, and it reaches the extreme one.
+    # At every step each extreme Ritz value is within its residual norm of an eigenvalue; it reaches the extreme one.
     for theta_max, bound_max, theta_min, bound_min in result.history:
         assert np.min(np.abs(spectrum - theta_max)) <= bound_max * (1 + 1e-9) + 1e-13
         assert np.min(np.abs(spectrum - theta_min)) <= bound_min * (1 + 1e-9) + 1e-13
@@ -283,7 +316,7 @@ def rotated(spectrum: np.ndarray, seed: int) -> np.ndarray:
 def test_every_reported_eigenvalue_is_within_tol_of_the_spectrum_for_clustered_ends(tol):
     from scipy.sparse.linalg import aslinearoperator
 
-    from lightning_landscape.hessian import _lanczos_extremes
+    from lightning_landscape.hessian import lanczos_extremes
 
     # Five top eigenvalues within 3 % of each other over a bulk, a close pair at the bottom: a Ritz value
     # can sit between cluster members for many steps, so only its residual tells how far it is from one.
@@ -292,7 +325,7 @@ def test_every_reported_eigenvalue_is_within_tol_of_the_spectrum_for_clustered_e
     op = aslinearoperator(rotated(spectrum, 1))
     for seed in range(25):
         for top_k, lambda_min in ((1, False), (3, True)):  # λmax alone stops earliest: the hardest case
-            result = _lanczos_extremes(op, top_k, lambda_min, tol, np.random.default_rng(seed))
+            result = lanczos_extremes(op, top_k, lambda_min, tol, np.random.default_rng(seed))
             assert result.converged
             for value in [*result.top, *([result.low] if lambda_min else [])]:
                 assert np.min(np.abs(spectrum - value)) <= tol * abs(value), (seed, top_k, value)
@@ -301,14 +334,14 @@ def test_every_reported_eigenvalue_is_within_tol_of_the_spectrum_for_clustered_e
 def test_small_eigenvalues_keep_their_accuracy_beside_a_huge_one():
     from scipy.sparse.linalg import aslinearoperator
 
-    from lightning_landscape.hessian import _lanczos_extremes
+    from lightning_landscape.hessian import lanczos_extremes
 
     # Eigenvalues from 1e-8 to 1e8 in magnitude: a coupling that is "zero" relative to the largest one is
     # not zero for the small ones, so the Krylov space must not be declared invariant too early.
     rng = np.random.default_rng(1002)
     spectrum = np.sign(rng.standard_normal(30)) * 10 ** rng.uniform(-8, 8, 30)
     exact = np.sort(spectrum)[::-1]
-    result = _lanczos_extremes(aslinearoperator(rotated(spectrum, 7)), 3, False, 1e-3, np.random.default_rng(2))
+    result = lanczos_extremes(aslinearoperator(rotated(spectrum, 7)), 3, False, 1e-3, np.random.default_rng(2))
     np.testing.assert_allclose(result.top, exact[:3], rtol=1e-3)
 
 
@@ -551,6 +584,25 @@ def test_report_save_load_round_trip(tmp_path):
         assert back.metadata == report.metadata
     assert full.scalars().keys() == {"lambda_max", "lambda_min", "ratio", "trace"}
     assert partial.scalars() == {"lambda_max": partial.lambda_max}
+
+
+def test_a_report_file_written_before_the_shared_npz_format_still_loads(tmp_path):
+    # The old layout: plain arrays and a metadata_json with report_scalars and array_names, no result kind.
+    import json
+
+    scalars = {"lambda_max": 3.0, "lambda_min": -1.0, "ratio": 1 / 3, "trace": None, "trace_stderr": None}
+    scalars.update(loss=0.5, num_hvp=7, seconds=0.25)
+    meta = {
+        "kind": "hessian",
+        "seed": 0,
+        "report_scalars": scalars,
+        "array_names": ["eigenvalues", "density_grid", "density"],
+    }
+    arrays = {"eigenvalues": np.array([3.0, 2.0]), "density_grid": np.linspace(-1, 3, 5), "density": np.ones(5) / 4}
+    np.savez(tmp_path / "old.npz", **arrays, metadata_json=np.array(json.dumps(meta, sort_keys=True)))
+    back = HessianReport.load(tmp_path / "old.npz")
+    assert back.eigenvalues.tolist() == [3.0, 2.0] and back.ratio == 1 / 3 and back.num_hvp == 7
+    assert np.array_equal(back.density.grid, arrays["density_grid"]) and back.metadata == {"kind": "hessian", "seed": 0}
 
 
 def png_size(fig) -> int:
