@@ -11,7 +11,7 @@ from typing import Any
 
 from lightning_landscape._versions import package_version as _package_version
 from lightning_landscape.directions import random_direction
-from lightning_landscape.errors import LandscapeWarning
+from lightning_landscape.errors import ConvergenceWarning, LandscapeWarning
 from lightning_landscape.hessian import HessianOperator, HessianReport, SpectralDensity, hessian_check, ratio_map
 from lightning_landscape.plots import (
     landscape_figures,
@@ -44,6 +44,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ConvergenceWarning",
     "GridEvaluator",
     "HessianOperator",
     "HessianReport",

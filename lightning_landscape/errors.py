@@ -14,3 +14,12 @@ class LandscapeWarning(UserWarning):
         >>> issubclass(LandscapeWarning, UserWarning)
         True
     """
+
+
+class ConvergenceWarning(LandscapeWarning, RuntimeWarning):
+    """An iterative solver (Lanczos) stopped before the accuracy asked; the values are its best estimates.
+
+    Example:
+        >>> issubclass(ConvergenceWarning, LandscapeWarning), issubclass(ConvergenceWarning, RuntimeWarning)
+        (True, True)
+    """

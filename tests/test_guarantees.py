@@ -371,3 +371,13 @@ def test_tied_weights_are_counted_once():
     model[2].weight = model[0].weight
     direction = random_direction(model, seed=0)
     assert list(direction) == ["0.weight"]
+
+
+def test_hessian_check_reports_nan_weights_before_any_product():
+    from lightning_landscape import hessian_check
+
+    model = nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"not finite in \['weight'\]"):
+        hessian_check(model, [(torch.ones(3, 2), torch.zeros(3, 1))], F.mse_loss)

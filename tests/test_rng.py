@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.nn import functional as F

@@ -28,7 +28,7 @@ from lightning_landscape.hessian.density import slq_density
 from lightning_landscape.hessian.lanczos import default_max_basis, lanczos_extremes
 from lightning_landscape.hessian.operator import BATCH_LOSS_SIGNATURE, HessianOperator
 from lightning_landscape.hessian.trace import TRACE_METHODS, check_samples, trace_estimate
-from lightning_landscape.params import trainable_parameters
+from lightning_landscape.params import check_finite_weights, trainable_parameters
 from lightning_landscape.results.hessian import HessianReport, SpectralDensity
 from lightning_landscape.state import preserved_state
 
@@ -63,7 +63,9 @@ def resolve_batch_loss(loss_fn: LossFn | None, forward_fn: ForwardFn | None, bat
 
 def check_top_k(top_k: Any, model: nn.Module) -> int:
     """Return ``top_k`` if it is an integer from 1 to the model's number of trainable weights, else raise."""
-    num_params = sum(p.numel() for p in trainable_parameters(model).values())
+    params = trainable_parameters(model)
+    check_finite_weights(params)  # a diverged model: say so before any Hessian-vector product
+    num_params = sum(p.numel() for p in params.values())
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= num_params:
         raise ValueError(
             f"`top_k`={top_k!r} is not valid; expected an integer between 1 and {num_params}, "

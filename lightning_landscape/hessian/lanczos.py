@@ -20,6 +20,8 @@ import numpy as np
 from scipy.linalg import eigh_tridiagonal
 from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, aslinearoperator, eigsh
 
+from lightning_landscape.errors import ConvergenceWarning
+
 #: Gram–Schmidt passes against the whole basis per step: "twice is enough" (Parlett).
 REORTHOGONALIZATIONS = 2
 #: The stopping test never asks a residual below this many machine epsilons (of the operator's
@@ -231,7 +233,7 @@ def lanczos_extremes(
             f"Lanczos did not converge to `tol`={tol} within `maxiter`={budget} Hessian-vector products "
             f"(basis of {search.lanczos.capacity} vectors); the eigenvalues are the best estimates. "
             "Raise `maxiter`, `max_basis` or `tol`.",
-            RuntimeWarning,
+            ConvergenceWarning,
             stacklevel=3,
         )
     return result
