@@ -231,3 +231,15 @@ def test_the_package_warns_in_its_own_category(tmp_path):
     cb = TrajectoryPCA(every_n_epochs=5, progress=False)
     with pytest.warns(LandscapeWarning, match="TrajectoryPCA: 1 snapshot"):
         small_fit(tmp_path, [cb], max_epochs=1)
+
+
+def test_readme_architecture_tree_names_every_module():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    tree = readme[readme.index("## Architecture") :].split("```")[1]
+    for path in _modules():
+        rel = path.relative_to(PACKAGE)
+        if rel.name == "__init__.py":
+            continue
+        assert rel.name in tree or rel.stem in tree, f"README's architecture tree does not list {rel}"
+        if len(rel.parts) > 1:
+            assert f"{rel.parts[0]}/" in tree
