@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Lightning's own use of a torch API that torch deprecated: nothing a user of the example can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
 from pytorch_lightning.cli import LightningCLI  # noqa: E402
