@@ -196,8 +196,9 @@ def check_resolution(name: str, value: Any, dims: int) -> int:
         >>> check_resolution("resolution", 21, 2)
         21
     """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 2:
-        raise ValueError(f"`{name}`={value!r} is not valid; expected an integer >= 2 (points per axis).")
+    check_positive_int(name, value)
+    if value < 2:
+        raise ValueError(f"`{name}`={value!r} is not valid; expected an integer >= 2: one point is no surface.")
     if int(value) ** dims > MAX_GRID_POINTS:
         most = int(MAX_GRID_POINTS ** (1 / dims) + 1e-9)
         raise ValueError(
