@@ -55,15 +55,16 @@ def surface_from_evaluator(
         check_direction("directions" if len(dirs) == 1 else f"directions[{k}]", d, params)
     grid = as_grid_coords(coords, len(dirs))
     meta = {"kind": "surface", **_versions.collect(), **(metadata or {})}
-    meta["fingerprint"] = fingerprint(
-        {
-            "weights": list(params.values()),
-            "directions": [d[n] for d in dirs for n in params],
-            "data": evaluator.batches,
-            "settings": {k: v for k, v in meta.items() if k not in VOLATILE},
-        }
-    )
     save_to = None if resume is None or isinstance(resume, Landscape) else Path(resume)
+    if save_to is not None:  # hashing θ*, the directions and the data is only needed to resume
+        meta["fingerprint"] = fingerprint(
+            {
+                "weights": list(params.values()),
+                "directions": [d[n] for d in dirs for n in params],
+                "data": evaluator.batches,
+                "settings": {k: v for k, v in meta.items() if k not in VOLATILE},
+            }
+        )
     landscape = _starting_point(resume, save_to, meta, grid, evaluator)
 
     with preserved_state(model) as state:
