@@ -49,3 +49,17 @@ def is_last_batch(trainer: pl.Trainer) -> bool:
     """
     progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
     return bool(getattr(progress, "is_last_batch", False))
+
+
+def spawned(trainer: pl.Trainer) -> bool:
+    """Whether this process is a child that ``ddp_spawn``/``ddp_fork`` started (its results die with it).
+
+    Internal: the strategy's ``launcher`` type; no public API says how the processes were started.
+
+    Example:
+        >>> spawned(pl.Trainer(accelerator="cpu", devices=1, logger=False))
+        False
+    """
+    from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and trainer.world_size > 1

@@ -11,6 +11,7 @@ import contextlib
 import os
 import time
 import traceback
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -27,8 +28,16 @@ from typing_extensions import override
 
 from lightning_landscape import _lightning
 from lightning_landscape import _validation as v
+from lightning_landscape.callbacks._distributed import (
+    Collectives,
+    HandedOff,
+    PeerFailure,
+    drop_padding,
+    hand_off,
+    new_handoff,
+)
 from lightning_landscape.callbacks._module_loss import ModuleLossFn, module_batch_loss
-from lightning_landscape.data import Reduce, cache_batches, model_device
+from lightning_landscape.data import cache_batches, model_device
 from lightning_landscape.errors import LandscapeWarning
 from lightning_landscape.params import trainable_parameters
 from lightning_landscape.state import ModelState, preserved_state
@@ -119,17 +128,6 @@ def _silenced_logging(pl_module: pl.LightningModule) -> Iterator[None]:
                 pl_module.__dict__[name] = value
 
 
-def strategy_reduce(trainer: pl.Trainer) -> Reduce:
-    """Sum per-point sums over all processes (identity on one)."""
-
-    def reduce(sums: torch.Tensor) -> torch.Tensor:
-        if trainer.world_size == 1:
-            return sums
-        return trainer.strategy.reduce(sums, reduce_op="sum")
-
-    return reduce
-
-
 def has_lazy_parameters(module: torch.nn.Module) -> bool:
     """Whether ``module`` still has lazy parameters (``nn.LazyLinear`` before its first forward).
 
@@ -189,6 +187,11 @@ class LandscapeCallback(Callback):
         'nothing'
     """
 
+    #: The names of the results an analysis leaves on the callback (handed back from ``ddp_spawn``).
+    RESULTS: tuple[str, ...] = ()
+    #: The files written by the last analysis (global rank zero; the main process after ``ddp_spawn``).
+    files = HandedOff()
+
     def init_common(
         self,
         *,
@@ -213,8 +216,9 @@ class LandscapeCallback(Callback):
         self.name = name
         self.enabled = bool(enabled)
         self._output_dir: Path | None = None
-        #: The files written by the last analysis (global rank zero).
         self.files: dict[str, Path] = {}
+        #: Where spawned rank zero leaves the results for the main process (see ``_distributed``).
+        self.handoff = new_handoff()
 
     # --- checks --------------------------------------------------------------------------------
 
@@ -262,10 +266,16 @@ class LandscapeCallback(Callback):
         do not fit the outputs (accuracy on a regression output) fail now, not after the fit."""
         if not metrics or has_lazy_parameters(pl_module):
             return
+        comm = Collectives(trainer)
         try:
-            with analysis_context(trainer, pl_module):
-                evaluator, _ = self.build_evaluator(trainer, pl_module, metrics, num_batches=1)
-                evaluator.evaluate(pl_module)
+            try:
+                with analysis_context(trainer, pl_module):
+                    evaluator, _ = self.build_evaluator(trainer, pl_module, metrics, num_batches=1)
+                    evaluator.evaluate(pl_module)
+                comm.check()
+            except Exception as err:
+                comm.fail(err)  # every rank raises, none waits for the others in a collective
+                raise
         except (ValueError, RuntimeError, TypeError) as err:
             raise MisconfigurationException(
                 f"`metrics`={list(metrics)!r} do not fit {type(pl_module).__name__}'s outputs on one batch of the "
@@ -303,6 +313,10 @@ class LandscapeCallback(Callback):
             raise MisconfigurationException(error)
         return Path(path)
 
+    def show_progress(self, trainer: pl.Trainer) -> bool | None:
+        """The ``progress`` setting on global rank zero; no progress output on the other ranks."""
+        return self.progress if trainer.is_global_zero else False
+
     def output_dir(self, trainer: pl.Trainer) -> Path:
         """Where this callback's files go (resolved at ``setup``, or now for a direct ``run``)."""
         if self._output_dir is None:
@@ -310,24 +324,35 @@ class LandscapeCallback(Callback):
         return self._output_dir
 
     def run_safely(self, trainer: pl.Trainer, analysis: Callable[[], Any]) -> Any:
-        """Run ``analysis`` under the ``on_error`` policy.
+        """Run ``analysis`` under the ``on_error`` policy, with the same outcome on every rank.
 
         An exception (the user's loss raising, out of memory, a logger failing) has already
         left the model restored by the analysis context; with ``"warn"`` it becomes a
         :class:`~lightning_landscape.LandscapeWarning` with the traceback and a text entry in
         the run's loggers, and the fit, its checkpoints and the other callbacks go on;
         ``"raise"`` re-raises it. ``KeyboardInterrupt`` and ``SystemExit`` always propagate.
+        Under DDP a failure on one rank reaches every rank (see ``_distributed.Collectives``):
+        the failing rank raises its error, the others :class:`~._distributed.PeerFailure` naming it,
+        and all take the same branch; a final check catches a failure in rank zero's publishing.
         """
+        comm = Collectives(trainer)
         try:
-            return analysis()
+            result = analysis()
+            if trainer.is_global_zero and _lightning.spawned(trainer):  # this process dies after fit
+                hand_off(self.handoff, {name: getattr(self, name) for name in self.RESULTS}, self.files)
+            comm.check()
+            return result
         except Exception as err:
+            comm.fail(err)
             if self.on_error == "raise":
                 raise
             text = "".join(traceback.format_exception(err))
             owner = f"{type(self).__name__}({self.name!r})"
-            rank_zero_warn(
-                f"{owner} failed and was skipped (on_error='warn'); the fit goes on.\n{text}", category=LandscapeWarning
-            )
+            message = f"{owner} failed and was skipped (on_error='warn'); the fit goes on.\n{text}"
+            if isinstance(err, PeerFailure):  # the rank that failed reports its own traceback
+                rank_zero_warn(message, category=LandscapeWarning)
+            else:
+                warnings.warn(message, LandscapeWarning, stacklevel=2)
             if trainer.is_global_zero:
                 with contextlib.suppress(Exception):  # the report of a failure must not fail the run
                     publish_text(trainer.loggers, f"{self.name}/error", text, trainer.global_step)
@@ -345,7 +370,8 @@ class LandscapeCallback(Callback):
         """The grid evaluator over this fit's data: batches cached on the strategy's device once
         (converted by the precision plugin, as for training), the module's loss (see
         :func:`module_batch_loss`), metrics built from the first outputs, per-point sums reduced
-        across processes. Returns it with the name of the loss source."""
+        across processes (``num_batches`` is per process, as Lightning's ``limit_*_batches``).
+        Returns it with the name of the loss source."""
         loader = _lightning.fit_dataloader(trainer, self.data)
         if loader is None:
             raise MisconfigurationException(f"no {self.data} dataloader is available at this point of the fit.")
@@ -355,9 +381,11 @@ class LandscapeCallback(Callback):
         convert = trainer.precision_plugin.convert_input
         limit = self.num_batches if num_batches == -1 else num_batches
         batches = [convert(batch) for batch in cache_batches(loader, device, limit)]
+        # DistributedSampler's padding repeats samples of other shards: each sample is counted once.
+        batches = drop_padding(batches, loader)
         batch_loss, source = module_batch_loss(pl_module, self.loss_fn, want_outputs=bool(metrics))
         evaluator = GridEvaluator(
-            batches, batch_loss, metrics=list(metrics), device=device, reduce=strategy_reduce(trainer)
+            batches, batch_loss, metrics=list(metrics), device=device, reduce=Collectives(trainer).reduce
         )
         return evaluator, source
 

@@ -20,6 +20,7 @@ from lightning_landscape.callbacks._base import (
     has_lazy_parameters,
     misconfigured,
 )
+from lightning_landscape.callbacks._distributed import Collectives, HandedOff
 from lightning_landscape.hessian import HessianReport, hessian_check
 from lightning_landscape.plots import plot_density, plot_eigenvalues
 
@@ -75,6 +76,9 @@ class HessianSpectrum(LandscapeCallback):
         >>> spectrum.report.ratio  # doctest: +SKIP
         0.0048
     """
+
+    RESULTS = ("report",)
+    report = HandedOff()
 
     def __init__(
         self,
@@ -144,6 +148,7 @@ class HessianSpectrum(LandscapeCallback):
                 tol=self.tol,
                 seed=self.seed,
                 reduce=evaluator.reduce,
+                agree=Collectives(trainer).broadcast,
             )
         report.metadata.update(loss_source=source, data=self.data, global_step=trainer.global_step)
         self.report = report

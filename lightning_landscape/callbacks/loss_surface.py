@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_landscape import _validation as v
 from lightning_landscape.callbacks._base import DEFAULT_NUM_BATCHES, LandscapeCallback, analysis_context, misconfigured
+from lightning_landscape.callbacks._distributed import Collectives, HandedOff
 from lightning_landscape.directions import IGNORES, NORMS, random_direction
 from lightning_landscape.hessian import ratio_map
 from lightning_landscape.metrics import check_metric_names
@@ -94,6 +95,10 @@ class LossSurface(LandscapeCallback):
         >>> surface.landscape.loss.shape  # doctest: +SKIP
         (11, 11)
     """
+
+    RESULTS = ("landscape", "ratio_landscape")
+    landscape = HandedOff()
+    ratio_landscape = HandedOff()
 
     def __init__(
         self,
@@ -181,19 +186,22 @@ class LossSurface(LandscapeCallback):
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, suffix: str = "") -> Landscape:
         """Compute the landscape now (all ranks), then write and log it (rank zero)."""
         self.output_dir(trainer)  # a collective when not resolved at setup: every rank takes part
+        comm = Collectives(trainer)
         with analysis_context(trainer, pl_module):
             evaluator, directions, metadata = self._prepare(trainer, pl_module)
-            # Resume needs every rank to skip the same points; under DDP (a later round) it starts over.
+            comm.same_on_every_rank("directions", [d[n] for d in directions for n in sorted(d)])
+            # Rank zero reads and writes the partial file; every rank resumes from its copy of it.
             partial = self.output_dir(trainer) / f"{self.name}{suffix}.npz"
-            resume = partial if self.resume and trainer.world_size == 1 else None
             landscape = surface_from_evaluator(
                 pl_module,
                 evaluator,
                 directions,
                 self.coordinates(),
-                progress=self.progress,
+                progress=self.show_progress(trainer),
                 metadata=metadata,
-                resume=resume,
+                resume=partial if self.resume else None,
+                share=comm.broadcast if comm.distributed else None,
+                owner=trainer.is_global_zero,
             )
             ratio = self._ratio_map(trainer, pl_module, evaluator, directions) if self.ratio_map else None
         self.landscape, self.ratio_landscape = landscape, ratio
@@ -237,8 +245,9 @@ class LossSurface(LandscapeCallback):
             coarse,
             batch_loss=evaluator.batch_loss,
             seed=self.seed,
-            progress=self.progress,
+            progress=self.show_progress(trainer),
             reduce=evaluator.reduce,
+            agree=Collectives(trainer).broadcast,
         )
 
     def summary_scalars(self, landscape: Landscape) -> dict[str, float]:

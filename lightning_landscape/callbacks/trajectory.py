@@ -23,6 +23,7 @@ from lightning_landscape.callbacks._base import (
     has_lazy_parameters,
     misconfigured,
 )
+from lightning_landscape.callbacks._distributed import Collectives, HandedOff
 from lightning_landscape.errors import LandscapeWarning
 from lightning_landscape.metrics import check_metric_names
 from lightning_landscape.plots import pca_axis_labels, plot_contour, plot_path
@@ -99,6 +100,10 @@ class TrajectoryPCA(LandscapeCallback):
         array([0.83, 0.09])
     """
 
+    RESULTS = ("pca", "landscape")
+    pca = HandedOff()
+    landscape = HandedOff()
+
     def __init__(
         self,
         every_n_steps: int | None = None,
@@ -160,6 +165,11 @@ class TrajectoryPCA(LandscapeCallback):
         self._buffer: torch.Tensor | None = None
         self._restored: dict[str, Any] | None = None
         self._stopped = ""  # why snapshots stopped (a failing disk), or "" while they go on
+        # Under DDP the weights are the same on every rank after each step: only global rank zero
+        # records them (one copy, not one per rank); the others only know the store is open.
+        self._opened = False
+        self._recording = True
+        self._last_step: int | None = None
         #: Results of the last fit: the PCA and the surface on its plane.
         self.pca: PCAResult | None = None
         self.landscape: Landscape | None = None
@@ -193,6 +203,7 @@ class TrajectoryPCA(LandscapeCallback):
             return
         self._stopped = ""
         self.store = None
+        self._opened, self._recording, self._last_step = False, trainer.is_global_zero, None
         if has_lazy_parameters(pl_module):
             return  # shapes exist after the first forward: the store opens after the first step
         self.check_metrics_fit(trainer, pl_module, self.metrics)
@@ -201,6 +212,10 @@ class TrajectoryPCA(LandscapeCallback):
     def _open(self, pl_module: pl.LightningModule) -> None:
         params = self.check_module(pl_module)
         self._names = list(params)
+        self._opened = True
+        if not self._recording:
+            self._restored = None
+            return
         # Snapshots are written through flat views into one buffer allocated once: a fresh
         # P-sized tensor per step would cost time on the training path and fragment the heap.
         views = (
@@ -221,19 +236,19 @@ class TrajectoryPCA(LandscapeCallback):
         # restores the step and epoch counters only now. A trajectory continued from a checkpoint
         # already holds its start; the uninterrupted run took no snapshot at the step where the
         # checkpoint was cut, so neither does the resumed one.
-        if self.enabled and self.store is not None and len(self.store) == 0:
+        if self.enabled and self._opened and (self.store is None or len(self.store) == 0):
             self._snapshot(trainer, pl_module, epochs_done=trainer.current_epoch)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self.enabled and self.store is None and not has_lazy_parameters(pl_module):
+        if self.enabled and not self._opened and not has_lazy_parameters(pl_module):
             self._open(pl_module)  # lazy modules: their first snapshot is after the first step
             self._snapshot(
                 trainer, pl_module, epochs_done=trainer.current_epoch + int(_lightning.is_last_batch(trainer))
             )
             return
         if self.enabled and self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            if not self.store.steps or self.store.steps[-1] != trainer.global_step:  # type: ignore[union-attr]
+            if self._last_step != trainer.global_step:
                 # (gradient accumulation: one snapshot per optimizer step). After an epoch's last
                 # batch that epoch counts as done, so epoch markers fall on epoch boundaries.
                 last = _lightning.is_last_batch(trainer)
@@ -244,14 +259,14 @@ class TrajectoryPCA(LandscapeCallback):
         if (
             self.enabled
             and self.every_n_epochs
-            and self.store is not None
+            and self._opened
             and (trainer.current_epoch + 1) % self.every_n_epochs == 0
         ):
             self._snapshot(trainer, pl_module, epochs_done=trainer.current_epoch + 1)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled or self.store is None:
+        if not self.enabled or not self._opened:
             return
         self._views, self._buffer = [], None  # no more snapshots: free the model-sized buffer before the PCA
         self.run_safely(trainer, lambda: self._run_or_explain(trainer, pl_module))
@@ -295,7 +310,8 @@ class TrajectoryPCA(LandscapeCallback):
         )
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, epochs_done: int) -> None:
-        if self._stopped:
+        self._last_step = trainer.global_step
+        if self._stopped or not self._recording:
             return
         with torch.no_grad():
             if self._buffer is not None:
@@ -324,23 +340,37 @@ class TrajectoryPCA(LandscapeCallback):
         """PCA of the snapshots, the surface on that plane (all ranks), then files and logs (rank zero)."""
         self.output_dir(trainer)  # a collective when not resolved at setup: every rank takes part
         with analysis_context(trainer, pl_module):
-            params = dict(pl_module.named_parameters())
-            pca = trajectory_pca(
-                self.store,  # type: ignore[arg-type]
-                [params[name] for name in self._names],  # read block by block: no flat copy of the weights
-                2,
-                center=self.center,
-                final_step=trainer.global_step,
-                final_epoch=trainer.current_epoch,
-                seed=self.seed,
-            )
-            landscape = self._surface(trainer, pl_module, pca)
+            pca, count = self._pca(trainer, pl_module)
+            landscape = self._surface(trainer, pl_module, pca, count)
         self.pca, self.landscape = pca, landscape
         if trainer.is_global_zero:
             self.files = self.publish(trainer, pca, landscape)
         return landscape
 
-    def _surface(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pca: PCAResult) -> Landscape:
+    def _pca(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[PCAResult, int]:
+        """The PCA of the snapshots on global rank zero (which holds them), broadcast to every rank."""
+        found: tuple[PCAResult | None, int] = (None, 0)
+        if self.store is not None:
+            params = dict(pl_module.named_parameters())
+            try:
+                pca = trajectory_pca(
+                    self.store,
+                    [params[name] for name in self._names],  # read block by block: no flat copy of the weights
+                    2,
+                    center=self.center,
+                    final_step=trainer.global_step,
+                    final_epoch=trainer.current_epoch,
+                    seed=self.seed,
+                )
+                found = (pca, len(self.store))
+            except TooFewSnapshotsError as err:
+                found = (None, err.count)
+        pca, count = Collectives(trainer).broadcast(found)
+        if pca is None:  # on every rank alike
+            raise TooFewSnapshotsError(count)
+        return pca, count
+
+    def _surface(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pca: PCAResult, count: int) -> Landscape:
         evaluator, source = self.build_evaluator(trainer, pl_module, self.metrics)
         like = {n: p for n, p in pl_module.named_parameters() if n in set(self._names)}
         directions = pca_directions(pca, like)
@@ -354,11 +384,11 @@ class TrajectoryPCA(LandscapeCallback):
             "loss_source": source,
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,
-            "num_snapshots": len(self.store),  # type: ignore[arg-type]
+            "num_snapshots": count,
             "snapshot_dtype": self.snapshot_dtype,
         }
         landscape = surface_from_evaluator(
-            pl_module, evaluator, directions, coords, progress=self.progress, metadata=metadata
+            pl_module, evaluator, directions, coords, progress=self.show_progress(trainer), metadata=metadata
         )
         landscape.extras.update(
             explained_variance_ratio=np.asarray(pca.explained_variance_ratio, dtype=np.float64),

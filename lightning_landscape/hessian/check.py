@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -125,6 +125,7 @@ def hessian_check(
     density_sigma: float = 0.01,
     maxiter: int | None = None,
     reduce: Reduce | None = None,
+    agree: Callable[[Any], Any] | None = None,
     max_basis: int | None = None,
 ) -> HessianReport:
     """Curvature of the loss at the model's current weights: extreme eigenvalues, trace, spectral density.
@@ -168,6 +169,7 @@ def hessian_check(
             number of weights``); past it the best estimates are returned with a ``RuntimeWarning``
             and ``metadata["converged"]`` False.
         reduce: sums the per-product sums across processes (see :class:`HessianOperator`).
+        agree: rank zero's value of a decision on every rank (see :class:`HessianOperator`).
             Every process must then call this with the same arguments and ``seed``: the
             solvers are deterministic, so all processes ask for the same products in step.
         max_basis: the most Lanczos vectors kept (at least ``2·top_k + 1``): memory
@@ -208,7 +210,7 @@ def hessian_check(
     eig_rng, trace_rng, density_rng = seed_streams(check_seed("seed", seed))
 
     start = time.perf_counter()
-    op = HessianOperator(model, data, batch_loss, num_batches=num_batches, reduce=reduce)
+    op = HessianOperator(model, data, batch_loss, num_batches=num_batches, reduce=reduce, agree=agree)
     with preserved_state(model):
         model.eval()
         loss = _finite_loss(op)

@@ -244,6 +244,7 @@ class _ExtremesSearch:
 
     def __init__(self, op: LinearOperator, top_k: int, lambda_min: bool, tol: float, capacity: int) -> None:
         self.op, self.n = aslinearoperator(op), op.shape[0]
+        self.agree = getattr(op, "agree", None)  # under DDP: every rank takes rank zero's decisions
         self.top_k, self.lambda_min, self.tol = top_k, lambda_min, tol
         self.eps = float(getattr(op, "eps", np.finfo(np.float64).eps))
         self.need = min(self.n, top_k + 1 if lambda_min else top_k)  # the smallest Ritz value must not be a top-k one
@@ -260,6 +261,8 @@ class _ExtremesSearch:
         while True:
             beta = lanczos.step()
             done, invariant = self._test(beta)
+            if self.agree is not None:
+                done, invariant = self.agree((done, invariant))
             j = lanczos.size  # one product per step
             if done or j == self.n or j == lanczos.capacity or j >= budget:
                 return

@@ -7,7 +7,7 @@ cached batches per product, by double backward through the user's own loss step.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,9 @@ class HessianOperator(LinearOperator):
         num_batches: use at most this many batches of ``data``.
         reduce: sums the float64 vector ``[Σ n_b H_b v, Σ n_b L_b, Σ n_b]`` across
             processes before it is normalized; ``None`` (identity) on one process.
+        agree: returns rank zero's value of its argument on every rank (a broadcast); the
+            eigensolvers pass each stopping decision through it, so floating-point noise can
+            never make one rank stop while another goes on. ``None`` on one process.
 
     Attributes:
         num_hvp: how many Hessian-vector products (full passes over the data) were made.
@@ -93,6 +96,7 @@ class HessianOperator(LinearOperator):
         *,
         num_batches: int | None = None,
         reduce: Reduce | None = None,
+        agree: Callable[[Any], Any] | None = None,
     ) -> None:
         check_positive_int("num_batches", num_batches, allow_none=True)
         check_callable("batch_loss", batch_loss, BATCH_LOSS_SIGNATURE, allow_none=False)
@@ -105,6 +109,7 @@ class HessianOperator(LinearOperator):
             self.batches = [_clone_inference_tensors(b) for b in cache_batches(data, self.device, num_batches)]
         self.batch_loss = batch_loss
         self.reduce = reduce
+        self.agree = agree
         self.num_hvp = 0
         self.num_samples: int | None = None
         self._sizes = [p.numel() for p in self.params]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,7 @@ def ratio_map(
     maxiter: int | None = None,
     progress: bool | None = None,
     reduce: Reduce | None = None,
+    agree: Callable[[Any], Any] | None = None,
     max_basis: int | None = None,
 ) -> Landscape:
     """|λmin/λmax| of the Hessian at every point θ* + αδ (+ βη) of a coarse grid (Li et al. 2018, Fig. 7).
@@ -60,7 +61,7 @@ def ratio_map(
 
     Args:
         model: any ``nn.Module``; θ* are its current trainable weights. It is left exactly as it was.
-        data, loss_fn, forward_fn, batch_loss, tol, seed, num_batches, maxiter, reduce, max_basis: as in
+        data, loss_fn, forward_fn, batch_loss, tol, seed, num_batches, maxiter, reduce, agree, max_basis: as in
             :func:`~lightning_landscape.hessian.hessian_check` (batches already on the model's
             device, e.g. a surface evaluator's, are used as they are, not copied).
         directions: one direction or a list of two (see :func:`~lightning_landscape.random_direction`).
@@ -92,7 +93,7 @@ def ratio_map(
     seed = check_seed("seed", seed)  # before any compute
 
     start = time.perf_counter()
-    op = HessianOperator(model, data, batch_loss, num_batches=num_batches, reduce=reduce)
+    op = HessianOperator(model, data, batch_loss, num_batches=num_batches, reduce=reduce, agree=agree)
     settings = {"kind": "ratio_map", "tol": tol, "seed": seed, "maxiter": maxiter, "max_basis": max_basis}
     landscape = Landscape.empty(grid, RATIO_VALUES, {**settings, **_versions.collect()})
     with preserved_state(model) as state:

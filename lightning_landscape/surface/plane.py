@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,17 @@ def surface_from_evaluator(
     progress: bool | None = None,
     metadata: dict[str, Any] | None = None,
     resume: Landscape | str | os.PathLike | None = None,
+    share: Callable[[Any], Any] | None = None,
+    owner: bool = True,
 ) -> Landscape:
     """Evaluate f(α, β) = L(θ* + αδ + βη) with a ready :class:`GridEvaluator`.
 
     This is :func:`loss_surface` for callers that build their own evaluator (a
     Lightning module's loss, a cross-process ``reduce``). ``resume`` continues a
     partial result of the same grid: a :class:`Landscape`, or a path as in :func:`loss_surface`.
-    See :func:`loss_surface` for the rest.
+    Across processes, only the ``owner`` (global rank zero) reads and writes the ``resume``
+    file, and ``share(obj)`` (a broadcast from the owner) gives every process the owner's
+    starting point, so all evaluate the same points. See :func:`loss_surface` for the rest.
 
     Example:
         >>> from lightning_landscape import random_direction
@@ -55,7 +59,7 @@ def surface_from_evaluator(
         check_direction("directions" if len(dirs) == 1 else f"directions[{k}]", d, params)
     grid = as_grid_coords(coords, len(dirs))
     meta = {"kind": "surface", **_versions.collect(), **(metadata or {})}
-    save_to = None if resume is None or isinstance(resume, Landscape) else Path(resume)
+    save_to = None if resume is None or isinstance(resume, Landscape) or not owner else Path(resume)
     if save_to is not None:  # hashing θ*, the directions and the data is only needed to resume
         meta["fingerprint"] = fingerprint(
             {
@@ -65,7 +69,9 @@ def surface_from_evaluator(
                 "settings": {k: v for k, v in meta.items() if k not in VOLATILE},
             }
         )
-    landscape = _starting_point(resume, save_to, meta, grid, evaluator)
+    found = _starting_point(resume, save_to, meta, grid)
+    found = found if share is None else share(found)
+    landscape = found if found is not None else Landscape.empty(grid, evaluator.metrics, meta)
 
     with preserved_state(model) as state:
         plane = Plane(params, state.parameters, dirs)
@@ -97,16 +103,15 @@ VOLATILE = ("fingerprint", "partial", "center_loss", "num_nonfinite", "num_sampl
 
 
 def _starting_point(
-    resume: Landscape | Path | None, save_to: Path | None, meta: dict[str, Any], grid: list, evaluator: GridEvaluator
-) -> Landscape:
+    resume: Landscape | Path | None, save_to: Path | None, meta: dict[str, Any], grid: list
+) -> Landscape | None:
     if isinstance(resume, Landscape):
         if resume.shape != tuple(len(c) for c in grid) or not all(
             np.array_equal(a, b) for a, b in zip(resume.coords, grid)
         ):
             raise ValueError("`resume` was computed on another grid; expected the same `coords`.")
         return resume
-    found = load_partial(save_to, meta["fingerprint"], grid) if save_to is not None else None
-    return found if found is not None else Landscape.empty(grid, evaluator.metrics, meta)
+    return load_partial(save_to, meta["fingerprint"], grid) if save_to is not None else None
 
 
 def loss_surface(

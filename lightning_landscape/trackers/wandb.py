@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class WandbTracker:
         for key, (columns, rows) in pub.tables.items():
             self.logger.log_table(pub.key(key), columns=columns, data=rows, step=pub.step)
         self._log_arrays(run, pub)
+        rehome_stray_run_files(run, self.logger)
 
     @staticmethod
     def _log_arrays(run: Any, pub: Publication) -> None:
@@ -64,3 +66,35 @@ class WandbTracker:
             shutil.copy2(path, copy)
             run.save(str(copy), base_path=run.dir, policy="now")
         run.log_artifact(artifact)
+
+
+def rehome_stray_run_files(run: Any, logger: Any) -> None:
+    """Move what this process wrote into the wrong run directory to the run's own (``ddp_spawn``).
+
+    A spawned rank zero attaches to the run that the main process created under
+    ``<save_dir>/wandb/<run>``, but the attached run takes its directory from the child's global
+    W&B settings (the working directory by default), so the images logged there would land in
+    ``./wandb/<run>/files`` while the run's records point to ``<save_dir>/wandb/<run>/files``.
+    The stray folder then holds only the files this process logged: they are moved over (and the
+    folder removed when it is left empty), so the run directory is complete for ``wandb sync``.
+    """
+    save_dir = getattr(logger, "save_dir", None)
+    here = Path(run.dir)
+    if not save_dir or not here.is_dir():
+        return
+    home = Path(save_dir) / "wandb" / here.parent.name / "files"
+    if not home.is_dir() or home.resolve() == here.resolve():
+        return
+    for item in sorted(here.rglob("*")):
+        if item.is_file():
+            target = home / item.relative_to(here)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(item), str(target))
+    for folder in (
+        *sorted((p for p in here.rglob("*") if p.is_dir()), reverse=True),
+        here,
+        here.parent,
+        here.parent.parent,
+    ):
+        with contextlib.suppress(OSError):  # only empty folders go; anything else stays
+            folder.rmdir()
