@@ -43,7 +43,7 @@ def run_fit(out: Path, *args: str) -> subprocess.CompletedProcess:
         pytest.fail(f"the 2-process fit {args} hung for {TIMEOUT_S} s:\n{err.stdout}\n{err.stderr}")
 
 
-@pytest.fixture(scope="module", params=["ddp", "ddp_spawn"])
+@pytest.fixture(scope="module", params=["ddp", "ddp_spawn", "ddp_fork"])
 def ddp_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     proc = run_fit(out, "--strategy", request.param)
@@ -140,3 +140,12 @@ def test_failure_on_one_rank_reaches_both(tmp_path, on_error):
         result = json.loads((tmp_path / "result.json").read_text())
         assert result["surface"] is None and result["lambda_max"] is None and result["evr"] is None
         assert text.count("failed and was skipped") >= 2
+
+
+def test_an_interrupted_surface_resumes_under_ddp(tmp_path):
+    proc = run_fit(tmp_path, "--strategy", "ddp", "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = json.loads((tmp_path / "resume.json").read_text())
+    assert result["partial"] == 10
+    assert result["calls_both_ranks"] == 2 * 2 * (25 - 10)  # 2 ranks x 2 batches x the 15 missing points
+    assert result["equal"]

@@ -66,18 +66,72 @@ class FailingClassifier(DigitsClassifier):
         return super().training_step(batch, batch_idx)
 
 
+def resume_check(out: Path, strategy: str) -> None:
+    """A surface interrupted on every rank at its 11th point, then run again: only the missing points
+    are evaluated, on every rank, and the result equals the uninterrupted one bit for bit."""
+    from torch.nn import functional as F
+
+    state = {"calls": 0, "stop_at": None}
+
+    def loss_fn(module, batch):
+        state["calls"] += 1
+        if state["stop_at"] is not None and state["calls"] == state["stop_at"]:
+            raise KeyboardInterrupt
+        return F.cross_entropy(module(batch[0]), batch[1])
+
+    surface = LossSurface(resolution=5, num_batches=2, loss_fn=loss_fn, dirpath=str(out / "surface"), progress=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        callbacks=[surface],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    model = DigitsClassifier(channels=4)
+    trainer.fit(model, DigitsDataModule(batch_size=32, num_train=NUM_TRAIN, seed=0))
+    full = surface.landscape.loss.copy()
+    file = out / "surface" / "loss_surface.npz"
+    trainer.strategy.barrier()
+    if trainer.is_global_zero:
+        file.unlink()
+    trainer.strategy.barrier()
+    state.update(calls=0, stop_at=2 * 10 + 1)
+    try:
+        surface.run(trainer, model)
+    except KeyboardInterrupt:
+        pass
+    trainer.strategy.barrier()
+    from lightning_landscape import Landscape
+
+    partial = int(Landscape.load(file).evaluated.sum())
+    state.update(calls=0, stop_at=None)
+    surface.run(trainer, model)
+    calls = trainer.strategy.reduce(torch.tensor([float(state["calls"])]), reduce_op="sum").item()
+    if trainer.is_global_zero:
+        result = {"partial": partial, "calls_both_ranks": calls, "equal": bool((surface.landscape.loss == full).all())}
+        (out / "resume.json").write_text(json.dumps(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--strategy", default="ddp")
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--on-error", default="raise")
+    parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ["DDP_TEST_OUT"] = str(out)
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
+    if args.resume:
+        resume_check(out, args.strategy)
+        return
     if args.fail_rank is None:
         model = DigitsClassifier(channels=4)
     else:

@@ -1,0 +1,99 @@
+"""LossSurface under DDP: wall time of the same surface on 1 and 2 CPU processes, and the speedup.
+
+    python benchmarks/distributed.py [--repeats 3] [--resolution 21]
+
+The digits CNN (``DigitsClassifier()``, 16 channels) is fitted for one step, then a
+``LossSurface(resolution=21, dims=2, num_batches=None)`` over all the training data (1,437
+samples, batch 64) is timed around its fit-end analysis, on 1 process and on 2 processes
+(``strategy="ddp"``, gloo), one torch thread per process, each variant in its own process
+tree, interleaved, ``--repeats`` times; printed: median and min wall time per variant and
+the speedup of the medians. The data are split across the processes (each rank evaluates
+every grid point on its shard; one all-reduce per point). Goal: speedup >= 1.8 on 2 processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker(devices: int, resolution: int, out: Path) -> None:
+    import pytorch_lightning as pl
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from examples.digits import DigitsClassifier, DigitsDataModule
+    from lightning_landscape import LossSurface
+
+    torch.set_num_threads(1)
+
+    class Timed(LossSurface):
+        def run(self, trainer, pl_module, suffix=""):
+            start = time.perf_counter()
+            result = super().run(trainer, pl_module, suffix)
+            if trainer.is_global_zero:
+                out.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+            return result
+
+    pl.seed_everything(0, verbose=False)
+    surface = Timed(resolution=resolution, dims=2, num_batches=None, progress=False, interactive=False)
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        callbacks=[surface],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(out.parent),
+    )
+    trainer.fit(DigitsClassifier(), DigitsDataModule())
+
+
+def measure(devices: int, resolution: int, tmp: Path) -> float:
+    out = tmp / f"time-{devices}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, __file__, "--worker", str(devices), "--resolution", str(resolution), "--out", str(out)]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=1800)
+    return json.loads(out.read_text())["seconds"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--resolution", type=int, default=21)
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        worker(args.worker, args.resolution, args.out)
+        return
+    import tempfile
+
+    times: dict[int, list[float]] = {1: [], 2: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            for devices in (1, 2) if r % 2 == 0 else (2, 1):
+                times[devices].append(measure(devices, args.resolution, Path(tmp)))
+                print(f"repeat {r}: {devices} process(es): {times[devices][-1]:.2f} s", flush=True)
+    med = {d: statistics.median(t) for d, t in times.items()}
+    print(f"\nsurface {args.resolution}x{args.resolution}, all digits training data, data split across processes")
+    for d in (1, 2):
+        print(f"  {d} process(es): median {med[d]:.2f} s, min {min(times[d]):.2f} s")
+    print(f"  speedup (medians): {med[1] / med[2]:.2f}x (goal >= 1.8)")
+
+
+if __name__ == "__main__":
+    main()
