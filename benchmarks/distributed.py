@@ -7,8 +7,9 @@ The digits CNN (``DigitsClassifier()``, 16 channels) is fitted for one step, the
 samples, batch 64) is timed around its fit-end analysis, on 1 process and on 2 processes
 (``strategy="ddp"``, gloo), one torch thread per process, each variant in its own process
 tree, interleaved, ``--repeats`` times; printed: median and min wall time per variant and
-the speedup of the medians. The data are split across the processes (each rank evaluates
-every grid point on its shard; one all-reduce per point). Goal: speedup >= 1.8 on 2 processes.
+the speedup of the medians, for ``distribute="data"`` (each rank evaluates every grid point on
+its shard; one all-reduce per point) and ``distribute="grid"`` (the shards gathered, each rank
+evaluates every other point over all the data). Goal: speedup >= 1.8 on 2 processes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def worker(devices: int, resolution: int, out: Path) -> None:
+def worker(devices: int, resolution: int, out: Path, distribute: str) -> None:
     import pytorch_lightning as pl
     import torch
 
@@ -44,7 +45,9 @@ def worker(devices: int, resolution: int, out: Path) -> None:
             return result
 
     pl.seed_everything(0, verbose=False)
-    surface = Timed(resolution=resolution, dims=2, num_batches=None, progress=False, interactive=False)
+    surface = Timed(
+        resolution=resolution, dims=2, num_batches=None, progress=False, interactive=False, distribute=distribute
+    )
     trainer = pl.Trainer(
         max_steps=1,
         accelerator="cpu",
@@ -62,10 +65,11 @@ def worker(devices: int, resolution: int, out: Path) -> None:
     trainer.fit(DigitsClassifier(), DigitsDataModule())
 
 
-def measure(devices: int, resolution: int, tmp: Path) -> float:
-    out = tmp / f"time-{devices}.json"
+def measure(devices: int, distribute: str, resolution: int, tmp: Path) -> float:
+    out = tmp / f"time-{devices}-{distribute}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, __file__, "--worker", str(devices), "--resolution", str(resolution), "--out", str(out)]
+    cmd += ["--distribute", distribute]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=1800)
     return json.loads(out.read_text())["seconds"]
 
@@ -76,23 +80,28 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=21)
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--distribute", default="data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        worker(args.worker, args.resolution, args.out)
+        worker(args.worker, args.resolution, args.out, args.distribute)
         return
     import tempfile
 
-    times: dict[int, list[float]] = {1: [], 2: []}
+    variants = [(1, "data"), (2, "data"), (2, "grid")]
+    times: dict[tuple[int, str], list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            for devices in (1, 2) if r % 2 == 0 else (2, 1):
-                times[devices].append(measure(devices, args.resolution, Path(tmp)))
-                print(f"repeat {r}: {devices} process(es): {times[devices][-1]:.2f} s", flush=True)
-    med = {d: statistics.median(t) for d, t in times.items()}
-    print(f"\nsurface {args.resolution}x{args.resolution}, all digits training data, data split across processes")
-    for d in (1, 2):
-        print(f"  {d} process(es): median {med[d]:.2f} s, min {min(times[d]):.2f} s")
-    print(f"  speedup (medians): {med[1] / med[2]:.2f}x (goal >= 1.8)")
+            for devices, distribute in variants[r % 3 :] + variants[: r % 3]:  # rotated every repeat
+                times[devices, distribute].append(measure(devices, distribute, args.resolution, Path(tmp)))
+                print(f"repeat {r}: {devices} process(es), {distribute}: {times[devices, distribute][-1]:.2f} s")
+    med = {v: statistics.median(t) for v, t in times.items()}
+    print(f"\nsurface {args.resolution}x{args.resolution}, all digits training data")
+    for v in variants:
+        speedup = med[variants[0]] / med[v]
+        print(
+            f"  {v[0]} process(es), split {v[1]}: median {med[v]:.2f} s, min {min(times[v]):.2f} s, speedup {speedup:.2f}x"
+        )
+    print("  goal: speedup >= 1.8 on 2 processes")
 
 
 if __name__ == "__main__":

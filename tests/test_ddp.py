@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,10 +44,11 @@ def run_fit(out: Path, *args: str) -> subprocess.CompletedProcess:
         pytest.fail(f"the 2-process fit {args} hung for {TIMEOUT_S} s:\n{err.stdout}\n{err.stderr}")
 
 
-@pytest.fixture(scope="module", params=["ddp", "ddp_spawn", "ddp_fork"])
+@pytest.fixture(scope="module", params=["ddp", "ddp_spawn", "ddp_fork", "ddp-grid"])
 def ddp_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
-    proc = run_fit(out, "--strategy", request.param)
+    strategy, _, grid = request.param.partition("-")  # "ddp-grid": the surface split by grid points
+    proc = run_fit(out, "--strategy", strategy, *(["--distribute", "grid"] if grid else []))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out, json.loads((out / "result.json").read_text()), proc
 
@@ -124,7 +126,8 @@ def test_progress_and_logs_only_on_rank_zero(ddp_run):
     _, _, proc = ddp_run
     text = proc.stdout + proc.stderr
     assert text.count("[LossSurface] wrote") == 1
-    assert text.count("loss surface: 25 point(s)") == 1
+    starts = re.findall(r"^loss surface: \d+ point\(s\) x", text, flags=re.M)
+    assert len(starts) == 2, starts  # the surface and the trajectory plane, each announced once
 
 
 @pytest.mark.parametrize("on_error", ["raise", "warn"])

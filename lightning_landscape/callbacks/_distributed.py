@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
@@ -94,6 +95,22 @@ class Collectives:
             return obj
         self.check()
         return self.strategy.broadcast(obj, src=0)
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable, e.g. CPU batches), in rank order, after the health check."""
+        if not self.distributed:
+            return [obj]
+        self.check()
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def sum_array(self, values: np.ndarray) -> np.ndarray:
+        """``values`` summed over all ranks (float64), after the health check."""
+        if not self.distributed:
+            return values
+        tensor = torch.as_tensor(np.ascontiguousarray(values, dtype=np.float64), device=self.strategy.root_device)
+        return self.reduce(tensor).cpu().numpy()
 
     def same_on_every_rank(self, name: str, tensors: Sequence[torch.Tensor]) -> None:
         """Raise ``RuntimeError`` unless ``tensors`` (e.g. the directions) are identical on every rank.

@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_landscape import _validation as v
 from lightning_landscape.callbacks._base import DEFAULT_NUM_BATCHES, LandscapeCallback, analysis_context, misconfigured
 from lightning_landscape.callbacks._distributed import Collectives, HandedOff
+from lightning_landscape.data import move_to_device
 from lightning_landscape.directions import IGNORES, NORMS, random_direction
 from lightning_landscape.hessian import ratio_map
 from lightning_landscape.metrics import check_metric_names
@@ -23,6 +24,9 @@ from lightning_landscape.plots import landscape_figures, plot_ratio_map, plotly_
 from lightning_landscape.results import Landscape
 from lightning_landscape.surface import GridEvaluator, surface_from_evaluator
 from lightning_landscape.trackers import write_files
+
+#: How a surface is split across DDP processes.
+DISTRIBUTE = ("data", "grid")
 
 
 class LossSurface(LandscapeCallback):
@@ -81,7 +85,13 @@ class LossSurface(LandscapeCallback):
         resume: save the surface as it grows (marked partial; every 30 s and when interrupted,
             SIGTERM included) and continue a partial surface of the same analysis found in the
             output folder (same weights, directions, grid, data), evaluating only the missing
-            points (one process; under DDP the surface starts over).
+            points (under DDP rank zero keeps the file and every rank resumes from it; with
+            ``distribute="grid"`` the surface starts over).
+        distribute: under DDP, split the ``"data"`` across processes (default: every rank
+            evaluates every point on its shard, one all-reduce per point; the memory of one
+            shard) or the ``"grid"`` (the paper's scheme: the shards are gathered so every rank
+            holds all the data, and each evaluates every world-th point; no collective per point,
+            for evaluation data small against the grid). The result is the same.
 
     Raises:
         MisconfigurationException: for an invalid argument (in ``__init__``), or
@@ -125,6 +135,7 @@ class LossSurface(LandscapeCallback):
         enabled: bool = True,
         on_error: Literal["warn", "raise"] = "warn",
         resume: bool = True,
+        distribute: Literal["data", "grid"] = "data",
     ) -> None:
         super().__init__()
         self.init_common(
@@ -153,6 +164,7 @@ class LossSurface(LandscapeCallback):
         if self.ratio_map and self.dims != 2:
             raise MisconfigurationException(f"`ratio_map`=True needs a 2-D surface; got `dims`={self.dims}.")
         self.resume = bool(resume)
+        self.distribute = misconfigured(v.check_choice, "distribute", distribute, DISTRIBUTE)
         self.ratio_resolution = misconfigured(v.check_resolution, "ratio_resolution", ratio_resolution, 2)
         #: The last computed landscape and ratio map (on every rank).
         self.landscape: Landscape | None = None
@@ -192,16 +204,21 @@ class LossSurface(LandscapeCallback):
             comm.same_on_every_rank("directions", [d[n] for d in directions for n in sorted(d)])
             # Rank zero reads and writes the partial file; every rank resumes from its copy of it.
             partial = self.output_dir(trainer) / f"{self.name}{suffix}.npz"
+            split_grid = comm.distributed and self.distribute == "grid"
+            if split_grid:
+                evaluator = self._all_data_evaluator(comm, evaluator)
             landscape = surface_from_evaluator(
                 pl_module,
                 evaluator,
                 directions,
                 self.coordinates(),
                 progress=self.show_progress(trainer),
-                metadata=metadata,
-                resume=partial if self.resume else None,
+                metadata={**metadata, "distribute": self.distribute if comm.distributed else "none"},
+                resume=partial if self.resume and not split_grid else None,
                 share=comm.broadcast if comm.distributed else None,
                 owner=trainer.is_global_zero,
+                grid_share=(trainer.global_rank, trainer.world_size) if split_grid else None,
+                combine=comm.sum_array if split_grid else None,
             )
             ratio = self._ratio_map(trainer, pl_module, evaluator, directions) if self.ratio_map else None
         self.landscape, self.ratio_landscape = landscape, ratio
@@ -232,6 +249,13 @@ class LossSurface(LandscapeCallback):
             "epoch": trainer.current_epoch,
         }
         return evaluator, directions, metadata
+
+    def _all_data_evaluator(self, comm: Collectives, evaluator: GridEvaluator) -> GridEvaluator:
+        """An evaluator over every rank's batches (gathered in rank order), without any reduce or metric sync."""
+        device = evaluator.device
+        local = [move_to_device(batch, torch.device("cpu")) for batch in evaluator.batches]
+        batches = [batch for shard in comm.all_gather(local) for batch in shard]
+        return GridEvaluator(batches, evaluator.batch_loss, metrics=self.metrics, device=device, sync_metrics=False)
 
     def _ratio_map(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, evaluator: GridEvaluator, directions: list

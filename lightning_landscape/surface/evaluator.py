@@ -75,6 +75,8 @@ class GridEvaluator:
         num_batches: use at most this many batches of ``data``.
         reduce: sums the per-point ``[loss x samples, samples]`` across processes;
             ``None`` on a single process.
+        sync_metrics: let torchmetrics sync their states across processes at ``compute``
+            (their default); ``False`` when every process evaluates all the data itself.
 
     Example:
         >>> from lightning_landscape import make_batch_loss
@@ -94,6 +96,7 @@ class GridEvaluator:
         device: torch.device | str = "cpu",
         num_batches: int | None = None,
         reduce: Reduce | None = None,
+        sync_metrics: bool = True,
     ) -> None:
         check_positive_int("num_batches", num_batches, allow_none=True)
         self.device = torch.device(device)
@@ -105,6 +108,9 @@ class GridEvaluator:
             name: None if m is None else copy.deepcopy(m).to(self.device) for name, m in as_metric_dict(metrics).items()
         }
         self.reduce = reduce
+        self.sync_metrics = sync_metrics
+        for metric in self.metrics.values():
+            self._set_sync(metric)
         self.num_samples: int | None = None
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -144,7 +150,14 @@ class GridEvaluator:
     def _build_metrics(self, outputs: Any) -> None:
         for name, metric in self.metrics.items():
             if metric is None:
-                self.metrics[name] = metric_from_name(name, outputs).to(self.device)
+                self.metrics[name] = self._set_sync(metric_from_name(name, outputs).to(self.device))
+
+    def _set_sync(self, metric: Any) -> Any:
+        if metric is not None and not self.sync_metrics:
+            # torchmetrics reads `_to_sync` (set from `sync_on_compute` at construction) in compute().
+            metric.sync_on_compute = False
+            metric._to_sync = False
+        return metric
 
     def run(
         self,

@@ -32,6 +32,8 @@ def surface_from_evaluator(
     resume: Landscape | str | os.PathLike | None = None,
     share: Callable[[Any], Any] | None = None,
     owner: bool = True,
+    grid_share: tuple[int, int] | None = None,
+    combine: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Landscape:
     """Evaluate f(α, β) = L(θ* + αδ + βη) with a ready :class:`GridEvaluator`.
 
@@ -40,7 +42,10 @@ def surface_from_evaluator(
     partial result of the same grid: a :class:`Landscape`, or a path as in :func:`loss_surface`.
     Across processes, only the ``owner`` (global rank zero) reads and writes the ``resume``
     file, and ``share(obj)`` (a broadcast from the owner) gives every process the owner's
-    starting point, so all evaluate the same points. See :func:`loss_surface` for the rest.
+    starting point, so all evaluate the same points. With ``grid_share=(rank, world)`` the
+    grid is split instead of the data: this process evaluates the points whose flat index is
+    ``rank`` modulo ``world`` (over all the data, in ``evaluator``), and ``combine`` (a sum
+    across processes) joins the value arrays. See :func:`loss_surface` for the rest.
 
     Example:
         >>> from lightning_landscape import random_direction
@@ -80,9 +85,11 @@ def surface_from_evaluator(
             def set_point(idx: tuple[int, ...]) -> None:
                 plane.set([float(grid[axis][i]) for axis, i in enumerate(idx)])
 
-            return evaluator.run(
-                model, landscape, set_point, progress=progress, description="loss surface", on_point=on_point
-            )
+            if grid_share is None:
+                return evaluator.run(
+                    model, landscape, set_point, progress=progress, description="loss surface", on_point=on_point
+                )
+            return _run_shared_grid(evaluator, model, landscape, set_point, grid_share, combine, progress)
 
         checkpointed(evaluate_grid, PartialSaver(save_to), landscape)
         if "center_loss" not in landscape.metadata:
@@ -95,6 +102,27 @@ def surface_from_evaluator(
     landscape.metadata["partial"] = False
     if save_to is not None:
         landscape.save(save_to)
+    return landscape
+
+
+def _run_shared_grid(
+    evaluator: GridEvaluator,
+    model: nn.Module,
+    landscape: Landscape,
+    set_point: Callable[[tuple[int, ...]], None],
+    grid_share: tuple[int, int],
+    combine: Callable[[np.ndarray], np.ndarray] | None,
+    progress: bool | None,
+) -> Landscape:
+    """Evaluate this process's share of the grid (flat index ≡ rank mod world), then join the shares."""
+    rank, world = grid_share
+    own = (np.arange(landscape.loss.size).reshape(landscape.shape) % world) == rank
+    landscape.evaluated[~own] = True  # type: ignore[index]  # the other processes' points
+    evaluator.run(model, landscape, set_point, progress=progress, description="loss surface")
+    for name, values in landscape.values.items():
+        mine = np.where(own, values, 0.0)  # a NaN of the owner survives the sum, the zeros add nothing
+        landscape.values[name] = mine if combine is None else combine(mine)
+    landscape.metadata["num_nonfinite"] = landscape.num_nonfinite
     return landscape
 
 

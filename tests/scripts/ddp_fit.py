@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--fail-rank", type=int, default=None)
     parser.add_argument("--on-error", default="raise")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--distribute", default="data")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +139,9 @@ def main() -> None:
         model = FailingClassifier(args.fail_rank, channels=4)
     datamodule = DigitsDataModule(batch_size=32, num_train=NUM_TRAIN, seed=0, shuffle=True)
     on_error = args.on_error
-    surface = LossSurface(resolution=5, dims=2, num_batches=None, metrics=["accuracy"], on_error=on_error)
+    surface = LossSurface(
+        resolution=5, dims=2, num_batches=None, metrics=["accuracy"], on_error=on_error, distribute=args.distribute
+    )
     trajectory = TrajectoryPCA(every_n_steps=1, resolution=4, num_batches=None, on_error=on_error)
     hessian = HessianSpectrum(num_batches=None, density=False, on_error=on_error)
     logger = pl.loggers.WandbLogger(save_dir=str(out), offline=True, project="ddp-test")
