@@ -152,3 +152,26 @@ def test_an_interrupted_surface_resumes_under_ddp(tmp_path):
     assert result["partial"] == 10
     assert result["calls_both_ranks"] == 2 * 2 * (25 - 10)  # 2 ranks x 2 batches x the 15 missing points
     assert result["equal"]
+
+
+def test_an_unknown_distribute_is_rejected_at_construction():
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    from lightning_landscape import LossSurface
+
+    with pytest.raises(MisconfigurationException, match=r"`distribute`='rows'.*'data', 'grid'"):
+        LossSurface(distribute="rows")
+
+
+def test_padding_is_dropped_only_at_the_end_of_a_shard():
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from lightning_landscape.callbacks._distributed import drop_padding
+
+    data = torch.arange(7)
+    for rank, real in ((0, [0, 2, 4, 6]), (1, [1, 3, 5])):  # rank 1's 4th sample repeats index 0
+        loader = DataLoader(data, batch_size=3, sampler=DistributedSampler(data, 2, rank=rank, shuffle=False))
+        kept = torch.cat(drop_padding(list(loader), loader)).tolist()
+        assert kept == real
+        first = list(loader)[:1]  # stops before the padding: kept as it is
+        assert [b.tolist() for b in drop_padding(first, loader)] == [b.tolist() for b in first]
