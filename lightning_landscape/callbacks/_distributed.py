@@ -67,7 +67,7 @@ class Collectives:
         if not self.distributed:
             return
         flag = torch.tensor([0.0 if failed is None else 1.0], device=self.strategy.root_device)
-        if float(self.strategy.reduce(flag, reduce_op="sum")) == 0:
+        if float(self._sum(flag)) == 0:
             return
         # Only on the way out: every rank gathers every rank's message (None for the healthy ones).
         message = None if failed is None else f"{type(failed).__name__}: {failed}"
@@ -87,7 +87,16 @@ class Collectives:
         if not self.distributed:
             return sums
         self.check()
-        return self.strategy.reduce(sums, reduce_op="sum")
+        return self._sum(sums)
+
+    def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        # torch.distributed.all_reduce itself: the strategy's reduce adds a barrier before every
+        # all-reduce, which doubled the cost of a grid point's collectives (benchmarks/distributed.py).
+        if not dist.is_available() or not dist.is_initialized():
+            return self.strategy.reduce(tensor, reduce_op="sum")
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
 
     def broadcast(self, obj: Any) -> Any:
         """Global rank zero's ``obj`` on every rank, after the health check."""
