@@ -173,3 +173,47 @@ def test_a_fit_resumed_from_a_checkpoint_ends_with_the_uninterrupted_results(tmp
     for a, b in zip(full[:2], resumed[:2]):
         np.testing.assert_array_equal(a.landscape.loss, b.landscape.loss)
     assert full[2].report.lambda_max == resumed[2].report.lambda_max
+
+
+def test_trajectory_plane_surface_resumes_after_a_failure_at_fit_end(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from lightning_landscape import TrajectoryPCA
+
+    from .helpers import small_fit
+
+    state = {"calls": 0, "stop_at": None}
+
+    def loss_fn(module, batch):
+        state["calls"] += 1
+        if state["stop_at"] is not None and state["calls"] == state["stop_at"]:
+            raise ValueError("stopped at the 7th plane point")
+        return F.cross_entropy(module(batch[0]), batch[1])
+
+    def run(root, ckpt_path=None):
+        trajectory = TrajectoryPCA(
+            every_n_steps=1,
+            resolution=4,
+            num_batches=1,
+            loss_fn=loss_fn,
+            progress=False,
+            on_error="raise",
+            snapshot_dir=str(root / "snapshots"),  # a checkpoint carries the trajectory through its files
+        )
+        ckpt = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1)
+        small_fit(root, [trajectory, ckpt], max_epochs=2, shuffle=False, ckpt_path=ckpt_path, enable_checkpointing=True)
+        return trajectory
+
+    state.update(calls=0, stop_at=None)
+    full = run(tmp_path / "full").landscape.loss.copy()
+    state.update(calls=0, stop_at=7)  # one batch per point: the 7th point raises, 6 are evaluated
+    with pytest.raises(ValueError, match="7th plane point"):
+        run(tmp_path / "part")
+    partial = next((tmp_path / "part").rglob("trajectory.npz"))
+    assert int(Landscape.load(partial).evaluated.sum()) == 6
+    state.update(calls=0, stop_at=None)
+    last = sorted((tmp_path / "part" / "ckpt").glob("*.ckpt"))[-1]
+    resumed = run(tmp_path / "part", ckpt_path=str(last))
+    assert [partial] == list((tmp_path / "part").rglob("trajectory.npz"))  # the resumed fit writes where it was
+    assert state["calls"] == 16 - 6 + 1  # the missing points, and θ* (not a grid point at resolution 4)
+    np.testing.assert_array_equal(resumed.landscape.loss, full)

@@ -289,6 +289,18 @@ class LandscapeCallback(Callback):
         # Two instances of one callback (e.g. two LossSurface with different names) keep their own state.
         return self._generate_state_key(name=self.name)
 
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # Where this run writes: a fit resumed from the checkpoint goes on in the same folder (and
+        # resumes a partial surface there). ``setup`` runs before Lightning restores the checkpoint,
+        # so it cannot know the fit is a resumed one; load_state_dict, called after it, can.
+        return {"output_dir": str(self._output_dir)} if self._output_dir is not None else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("output_dir"):
+            self._output_dir = Path(state_dict["output_dir"])
+
     def resolve_output_dir(self, trainer: pl.Trainer) -> Path:
         """Where this run's files go, decided on global rank zero and broadcast; checked writable.
 

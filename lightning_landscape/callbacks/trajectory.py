@@ -86,6 +86,9 @@ class TrajectoryPCA(LandscapeCallback):
             enabled, on_error: as in :class:`~lightning_landscape.LossSurface`; ``seed``
             seeds the filler direction of a path that spans fewer than two dimensions.
         name: prefix of the logged keys and file names.
+        resume: the surface on the PCA plane is saved as it grows and an interrupted one is
+            continued, as in :class:`~lightning_landscape.LossSurface` (e.g. a fit resumed with
+            ``ckpt_path`` after a failure at fit end evaluates only the missing points).
 
     Raises:
         MisconfigurationException: both or neither of ``every_n_steps`` and
@@ -126,6 +129,7 @@ class TrajectoryPCA(LandscapeCallback):
         name: str = "trajectory",
         enabled: bool = True,
         on_error: Literal["warn", "raise"] = "warn",
+        resume: bool = True,
     ) -> None:
         super().__init__()
         self.init_common(
@@ -159,6 +163,7 @@ class TrajectoryPCA(LandscapeCallback):
         self.metrics = misconfigured(check_metric_names, metrics)
         self.seed = misconfigured(v.check_seed, "seed", seed)
         self.log_scale = None if log_scale is None else bool(log_scale)
+        self.resume = bool(resume)
         self.store: SnapshotStore | None = None
         self._names: list[str] = []
         self._views: list[torch.Tensor] = []
@@ -178,16 +183,18 @@ class TrajectoryPCA(LandscapeCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
         if self.store is None:
-            return {}
+            return state
         if self.store.storage == "memory" and self.storage == "auto" and self.snapshot_dir is not None:
             self.store.move_to_disk()  # a checkpoint carries the trajectory only through its files
         self.store.flush()
-        return {"store": self.store.state_dict(), "names": list(self._names)}
+        return {**state, "store": self.store.state_dict(), "names": list(self._names)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = dict(state_dict) or None
+        super().load_state_dict(state_dict)
+        self._restored = {k: v for k, v in state_dict.items() if k != "output_dir"} or None
 
     # --- hooks ----------------------------------------------------------------------------------
 
@@ -387,8 +394,17 @@ class TrajectoryPCA(LandscapeCallback):
             "num_snapshots": count,
             "snapshot_dtype": self.snapshot_dtype,
         }
+        comm = Collectives(trainer)
         landscape = surface_from_evaluator(
-            pl_module, evaluator, directions, coords, progress=self.show_progress(trainer), metadata=metadata
+            pl_module,
+            evaluator,
+            directions,
+            coords,
+            progress=self.show_progress(trainer),
+            metadata=metadata,
+            resume=self.output_dir(trainer) / f"{self.name}.npz" if self.resume else None,
+            share=comm.broadcast if comm.distributed else None,
+            owner=trainer.is_global_zero,
         )
         landscape.extras.update(
             explained_variance_ratio=np.asarray(pca.explained_variance_ratio, dtype=np.float64),
