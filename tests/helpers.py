@@ -43,6 +43,25 @@ def small_fit(
     return trainer, model, datamodule
 
 
+class StoppingLoss:
+    """A cross-entropy ``loss_fn(module, batch)`` that counts its calls and raises ``error`` at call ``stop_at``."""
+
+    def __init__(self, error: BaseException | type[BaseException] = KeyboardInterrupt) -> None:
+        self.error = error
+        self.calls = 0
+        self.stop_at: int | None = None
+
+    def restart(self, stop_at: int | None = None) -> None:
+        """Count from zero again; raise at call ``stop_at`` (never with ``None``)."""
+        self.calls, self.stop_at = 0, stop_at
+
+    def __call__(self, module: torch.nn.Module, batch: Any) -> torch.Tensor:
+        self.calls += 1
+        if self.stop_at is not None and self.calls == self.stop_at:
+            raise self.error
+        return F.cross_entropy(module(batch[0]), batch[1])
+
+
 def eval_loss(model: torch.nn.Module, loader) -> float:
     """Independent reference: eval-mode sample-weighted mean cross-entropy over a loader."""
     was_training = model.training

@@ -117,15 +117,9 @@ def test_sigterm_mid_grid_then_a_second_run_completes_it(tmp_path):
 def test_loss_surface_callback_resumes_its_partial_surface(tmp_path):
     from lightning_landscape import LossSurface
 
-    from .helpers import small_fit
+    from .helpers import StoppingLoss, small_fit
 
-    state = {"calls": 0, "stop_at": None}
-
-    def loss_fn(module, batch):
-        state["calls"] += 1
-        if state["stop_at"] is not None and state["calls"] == state["stop_at"]:
-            raise KeyboardInterrupt
-        return F.cross_entropy(module(batch[0]), batch[1])
+    loss_fn = StoppingLoss(KeyboardInterrupt)
 
     out = tmp_path / "out"
     cb = LossSurface(resolution=5, num_batches=2, loss_fn=loss_fn, dirpath=str(out), progress=False, interactive=False)
@@ -133,14 +127,14 @@ def test_loss_surface_callback_resumes_its_partial_surface(tmp_path):
     full = cb.landscape.loss.copy()
     (out / "loss_surface.npz").unlink()
 
-    state.update(calls=0, stop_at=2 * 10 + 1)  # stop at the 11th point
+    loss_fn.restart(stop_at=2 * 10 + 1)  # stop at the 11th point
     with pytest.raises(KeyboardInterrupt):
         cb.run(trainer, model)
     assert int(Landscape.load(out / "loss_surface.npz").evaluated.sum()) == 10
 
-    state.update(calls=0, stop_at=None)
+    loss_fn.restart(stop_at=None)
     cb.run(trainer, model)
-    assert state["calls"] == 2 * (25 - 10)
+    assert loss_fn.calls == 2 * (25 - 10)
     np.testing.assert_array_equal(cb.landscape.loss, full)
 
 
@@ -180,15 +174,9 @@ def test_trajectory_plane_surface_resumes_after_a_failure_at_fit_end(tmp_path):
 
     from lightning_landscape import TrajectoryPCA
 
-    from .helpers import small_fit
+    from .helpers import StoppingLoss, small_fit
 
-    state = {"calls": 0, "stop_at": None}
-
-    def loss_fn(module, batch):
-        state["calls"] += 1
-        if state["stop_at"] is not None and state["calls"] == state["stop_at"]:
-            raise ValueError("stopped at the 7th plane point")
-        return F.cross_entropy(module(batch[0]), batch[1])
+    loss_fn = StoppingLoss(ValueError("stopped at the 7th plane point"))
 
     def run(root, ckpt_path=None):
         trajectory = TrajectoryPCA(
@@ -204,16 +192,16 @@ def test_trajectory_plane_surface_resumes_after_a_failure_at_fit_end(tmp_path):
         small_fit(root, [trajectory, ckpt], max_epochs=2, shuffle=False, ckpt_path=ckpt_path, enable_checkpointing=True)
         return trajectory
 
-    state.update(calls=0, stop_at=None)
+    loss_fn.restart(stop_at=None)
     full = run(tmp_path / "full").landscape.loss.copy()
-    state.update(calls=0, stop_at=7)  # one batch per point: the 7th point raises, 6 are evaluated
+    loss_fn.restart(stop_at=7)  # one batch per point: the 7th point raises, 6 are evaluated
     with pytest.raises(ValueError, match="7th plane point"):
         run(tmp_path / "part")
     partial = next((tmp_path / "part").rglob("trajectory.npz"))
     assert int(Landscape.load(partial).evaluated.sum()) == 6
-    state.update(calls=0, stop_at=None)
+    loss_fn.restart(stop_at=None)
     last = sorted((tmp_path / "part" / "ckpt").glob("*.ckpt"))[-1]
     resumed = run(tmp_path / "part", ckpt_path=str(last))
     assert [partial] == list((tmp_path / "part").rglob("trajectory.npz"))  # the resumed fit writes where it was
-    assert state["calls"] == 16 - 6 + 1  # the missing points, and θ* (not a grid point at resolution 4)
+    assert loss_fn.calls == 16 - 6 + 1  # the missing points, and θ* (not a grid point at resolution 4)
     np.testing.assert_array_equal(resumed.landscape.loss, full)

@@ -57,7 +57,6 @@ class Collectives:
     def __init__(self, trainer: pl.Trainer) -> None:
         self.strategy = trainer.strategy
         self.distributed = trainer.world_size > 1
-        self.rank = trainer.global_rank
 
     def check(self, failed: BaseException | None = None) -> None:
         """The health check: raise :class:`PeerFailure` on every healthy rank if any rank failed.

@@ -215,7 +215,7 @@ class LossSurface(LandscapeCallback):
                 progress=self.show_progress(trainer),
                 metadata={**metadata, "distribute": self.distribute if comm.distributed else "none"},
                 resume=partial if self.resume and not split_grid else None,
-                share=comm.broadcast if comm.distributed else None,
+                share=comm.broadcast,
                 owner=trainer.is_global_zero,
                 grid_share=(trainer.global_rank, trainer.world_size) if split_grid else None,
                 combine=comm.sum_array if split_grid else None,

@@ -403,7 +403,7 @@ class TrajectoryPCA(LandscapeCallback):
             progress=self.show_progress(trainer),
             metadata=metadata,
             resume=self.output_dir(trainer) / f"{self.name}.npz" if self.resume else None,
-            share=comm.broadcast if comm.distributed else None,
+            share=comm.broadcast,
             owner=trainer.is_global_zero,
         )
         landscape.extras.update(

@@ -169,9 +169,9 @@ def hessian_check(
             number of weights``); past it the best estimates are returned with a ``RuntimeWarning``
             and ``metadata["converged"]`` False.
         reduce: sums the per-product sums across processes (see :class:`HessianOperator`).
-        agree: rank zero's value of a decision on every rank (see :class:`HessianOperator`).
             Every process must then call this with the same arguments and ``seed``: the
             solvers are deterministic, so all processes ask for the same products in step.
+        agree: rank zero's value of a decision on every rank (see :class:`HessianOperator`).
         max_basis: the most Lanczos vectors kept (at least ``2·top_k + 1``): memory
             ``max_basis × number of weights × 8`` bytes (float64 on the CPU). ``None``:
             200, fewer when that would pass 1 GiB, never fewer than 20 (see

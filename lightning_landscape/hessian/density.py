@@ -38,12 +38,12 @@ def slq_nodes(op: Any, v0: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarr
     """
     lanczos = Lanczos(op, min(steps, v0.size))
     lanczos.start(v0)
+    agree = getattr(op, "agree", None)  # under DDP: every rank takes rank zero's decision
     while True:
         beta = lanczos.step()
         alphas, betas = lanczos.tridiagonal()
         scale = max(abs(a) for a in alphas.tolist()) + (max(betas.tolist()) if betas.size else 0.0)
         stop = lanczos.size == lanczos.capacity or beta <= INVARIANT_RTOL * max(scale, TINY_SCALE)
-        agree = getattr(op, "agree", None)  # under DDP: every rank takes rank zero's decision
         if agree(stop) if agree is not None else stop:
             break
         lanczos.extend(beta)

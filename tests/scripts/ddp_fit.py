@@ -25,6 +25,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from examples.digits import DigitsClassifier, DigitsDataModule  # noqa: E402
 from lightning_landscape import HessianSpectrum, LossSurface, TrajectoryPCA  # noqa: E402
+from tests.helpers import StoppingLoss  # noqa: E402
 
 NUM_TRAIN = 193  # odd: DistributedSampler pads rank 1's shard with one sample of rank 0's
 
@@ -69,16 +70,7 @@ class FailingClassifier(DigitsClassifier):
 def resume_check(out: Path, strategy: str) -> None:
     """A surface interrupted on every rank at its 11th point, then run again: only the missing points
     are evaluated, on every rank, and the result equals the uninterrupted one bit for bit."""
-    from torch.nn import functional as F
-
-    state = {"calls": 0, "stop_at": None}
-
-    def loss_fn(module, batch):
-        state["calls"] += 1
-        if state["stop_at"] is not None and state["calls"] == state["stop_at"]:
-            raise KeyboardInterrupt
-        return F.cross_entropy(module(batch[0]), batch[1])
-
+    loss_fn = StoppingLoss(KeyboardInterrupt)
     surface = LossSurface(resolution=5, num_batches=2, loss_fn=loss_fn, dirpath=str(out / "surface"), progress=False)
     trainer = pl.Trainer(
         max_epochs=1,
@@ -99,7 +91,7 @@ def resume_check(out: Path, strategy: str) -> None:
     if trainer.is_global_zero:
         file.unlink()
     trainer.strategy.barrier()
-    state.update(calls=0, stop_at=2 * 10 + 1)
+    loss_fn.restart(stop_at=2 * 10 + 1)
     try:
         surface.run(trainer, model)
     except KeyboardInterrupt:
@@ -108,9 +100,9 @@ def resume_check(out: Path, strategy: str) -> None:
     from lightning_landscape import Landscape
 
     partial = int(Landscape.load(file).evaluated.sum())
-    state.update(calls=0, stop_at=None)
+    loss_fn.restart(stop_at=None)
     surface.run(trainer, model)
-    calls = trainer.strategy.reduce(torch.tensor([float(state["calls"])]), reduce_op="sum").item()
+    calls = trainer.strategy.reduce(torch.tensor([float(loss_fn.calls)]), reduce_op="sum").item()
     if trainer.is_global_zero:
         result = {"partial": partial, "calls_both_ranks": calls, "equal": bool((surface.landscape.loss == full).all())}
         (out / "resume.json").write_text(json.dumps(result))
