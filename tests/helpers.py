@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from examples.digits import DigitsClassifier, DigitsDataModule
+from lightning_landscape.state import capture_state
 
 
 def small_fit(
@@ -73,3 +74,18 @@ def eval_loss(model: torch.nn.Module, loader) -> float:
             count += len(y)
     model.train(was_training)
     return total / count
+
+
+def assert_state_equal(model: torch.nn.Module, before) -> None:
+    """``model`` holds exactly what ``before`` (a :func:`capture_state`) recorded: values, grads, modes, RNG."""
+    after = capture_state(model)
+    for group in ("parameters", "buffers"):
+        a, b = getattr(before, group), getattr(after, group)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype, (group, k)
+    assert before.requires_grad == after.requires_grad
+    assert before.training == after.training
+    for k, g in before.grads.items():
+        assert after.grads[k] is g
+    assert torch.equal(before.rng["torch"], after.rng["torch"])

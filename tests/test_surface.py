@@ -24,6 +24,7 @@ from lightning_landscape import (
     random_direction,
 )
 from lightning_landscape.state import capture_state
+from tests.helpers import assert_state_equal
 
 
 def small_cnn() -> nn.Module:
@@ -255,20 +256,6 @@ def test_data_is_read_once_not_per_point():
     loader = CountingLoader(make_data())
     loss_surface(model, loader, random_direction(model), [np.linspace(-1, 1, 5)], loss_fn=F.cross_entropy)
     assert loader.iterations == 1
-
-
-def assert_state_equal(model: nn.Module, before) -> None:
-    after = capture_state(model)
-    for group in ("parameters", "buffers"):
-        a, b = getattr(before, group), getattr(after, group)
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype, (group, k)
-    assert before.requires_grad == after.requires_grad
-    assert before.training == after.training
-    for k, g in before.grads.items():
-        assert after.grads[k] is g
-    assert torch.equal(before.rng["torch"], after.rng["torch"])
 
 
 def prepared_model():

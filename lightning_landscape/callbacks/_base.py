@@ -28,6 +28,7 @@ from typing_extensions import override
 
 from lightning_landscape import _lightning
 from lightning_landscape import _validation as v
+from lightning_landscape.batchnorm import has_batchnorm
 from lightning_landscape.callbacks._distributed import (
     Collectives,
     HandedOff,
@@ -247,6 +248,15 @@ class LandscapeCallback(Callback):
         if self.enabled and not has_lazy_parameters(pl_module):
             self.check_module(pl_module)
 
+    def check_bn(self, pl_module: pl.LightningModule, bn: str) -> None:
+        """Warn (rank zero) when ``bn="recompute"`` meets a module without BatchNorm: nothing to recompute."""
+        if bn == "recompute" and not has_batchnorm(pl_module):
+            rank_zero_warn(
+                f"{type(self).__name__}(bn='recompute'): {type(pl_module).__name__} has no BatchNorm layer with "
+                "running statistics, so there is nothing to recompute; it is evaluated as with bn='eval'.",
+                category=LandscapeWarning,
+            )
+
     def check_module(self, pl_module: pl.LightningModule) -> dict[str, torch.nn.Parameter]:
         """The module's trainable parameters; ``MisconfigurationException`` when there are none,
         or when the loss would come from a manual-optimization ``training_step`` (which steps the
@@ -378,12 +388,15 @@ class LandscapeCallback(Callback):
         pl_module: pl.LightningModule,
         metrics: Sequence[Any] = (),
         num_batches: int | None = -1,
+        bn: str = "eval",
     ) -> tuple[GridEvaluator, str]:
         """The grid evaluator over this fit's data: batches cached on the strategy's device once
         (converted by the precision plugin, as for training), the module's loss (see
         :func:`module_batch_loss`), metrics built from the first outputs, per-point sums reduced
-        across processes (``num_batches`` is per process, as Lightning's ``limit_*_batches``).
-        Returns it with the name of the loss source."""
+        across processes (``num_batches`` is per process, as Lightning's ``limit_*_batches``), the
+        BatchNorm policy ``bn`` (``"recompute"`` averages the statistics over all processes' batches;
+        a module without BatchNorm was warned about at fit start). Returns it with the name of the
+        loss source."""
         loader = _lightning.fit_dataloader(trainer, self.data)
         if loader is None:
             raise MisconfigurationException(f"no {self.data} dataloader is available at this point of the fit.")
@@ -397,7 +410,12 @@ class LandscapeCallback(Callback):
         batches = drop_padding(batches, loader)
         batch_loss, source = module_batch_loss(pl_module, self.loss_fn, want_outputs=bool(metrics))
         evaluator = GridEvaluator(
-            batches, batch_loss, metrics=list(metrics), device=device, reduce=Collectives(trainer).reduce
+            batches,
+            batch_loss,
+            metrics=list(metrics),
+            device=device,
+            reduce=Collectives(trainer).reduce,
+            bn=bn if has_batchnorm(pl_module) else "eval",
         )
         return evaluator, source
 

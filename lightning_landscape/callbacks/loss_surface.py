@@ -14,6 +14,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_landscape import _validation as v
+from lightning_landscape.batchnorm import BN_POLICIES
 from lightning_landscape.callbacks._base import DEFAULT_NUM_BATCHES, LandscapeCallback, analysis_context, misconfigured
 from lightning_landscape.callbacks._distributed import Collectives, HandedOff
 from lightning_landscape.data import move_to_device
@@ -92,6 +93,10 @@ class LossSurface(LandscapeCallback):
             shard) or the ``"grid"`` (the paper's scheme: the shards are gathered so every rank
             holds all the data, and each evaluates every world-th point; no collective per point,
             for evaluation data small against the grid). The result is the same.
+        bn: BatchNorm statistics at each grid point: ``"eval"`` (as stored, the paper's choice)
+            or ``"recompute"`` (reset and recomputed with one pass over the evaluation data at the
+            point's weights, as Garipov et al. and ``torch.optim.swa_utils.update_bn``; one more
+            pass per point). The module's own statistics come back either way.
 
     Raises:
         MisconfigurationException: for an invalid argument (in ``__init__``), or
@@ -136,6 +141,7 @@ class LossSurface(LandscapeCallback):
         on_error: Literal["warn", "raise"] = "warn",
         resume: bool = True,
         distribute: Literal["data", "grid"] = "data",
+        bn: Literal["eval", "recompute"] = "eval",
     ) -> None:
         super().__init__()
         self.init_common(
@@ -165,6 +171,7 @@ class LossSurface(LandscapeCallback):
             raise MisconfigurationException(f"`ratio_map`=True needs a 2-D surface; got `dims`={self.dims}.")
         self.resume = bool(resume)
         self.distribute = misconfigured(v.check_choice, "distribute", distribute, DISTRIBUTE)
+        self.bn = misconfigured(v.check_choice, "bn", bn, BN_POLICIES)
         self.ratio_resolution = misconfigured(v.check_resolution, "ratio_resolution", ratio_resolution, 2)
         #: The last computed landscape and ratio map (on every rank).
         self.landscape: Landscape | None = None
@@ -177,6 +184,7 @@ class LossSurface(LandscapeCallback):
         super().on_fit_start(trainer, pl_module)
         if self.enabled:
             self.check_metrics_fit(trainer, pl_module, self.metrics)
+            self.check_bn(pl_module, self.bn)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -230,7 +238,7 @@ class LossSurface(LandscapeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> tuple[GridEvaluator, list, dict[str, Any]]:
         """The evaluator over cached batches, the directions and the metadata (inside :func:`analysis_context`)."""
-        evaluator, source = self.build_evaluator(trainer, pl_module, self.metrics)
+        evaluator, source = self.build_evaluator(trainer, pl_module, self.metrics, bn=self.bn)
         first = random_direction(pl_module, norm=self.norm, ignore=self.ignore, seed=self.seed)
         directions = [first]
         if self.dims == 2:
@@ -244,6 +252,7 @@ class LossSurface(LandscapeCallback):
             "seed": self.seed,
             "orthogonal": self.orthogonal,
             "data": self.data,
+            "bn": evaluator.bn,
             "loss_source": source,
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,
@@ -255,7 +264,9 @@ class LossSurface(LandscapeCallback):
         device = evaluator.device
         local = [move_to_device(batch, torch.device("cpu")) for batch in evaluator.batches]
         batches = [batch for shard in comm.all_gather(local) for batch in shard]
-        return GridEvaluator(batches, evaluator.batch_loss, metrics=self.metrics, device=device, sync_metrics=False)
+        return GridEvaluator(
+            batches, evaluator.batch_loss, metrics=self.metrics, device=device, sync_metrics=False, bn=evaluator.bn
+        )
 
     def _ratio_map(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, evaluator: GridEvaluator, directions: list

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from lightning_landscape import _lightning
 from lightning_landscape import _validation as v
+from lightning_landscape.batchnorm import BN_POLICIES
 from lightning_landscape.callbacks._base import (
     DEFAULT_NUM_BATCHES,
     LandscapeCallback,
@@ -89,6 +90,9 @@ class TrajectoryPCA(LandscapeCallback):
         resume: the surface on the PCA plane is saved as it grows and an interrupted one is
             continued, as in :class:`~lightning_landscape.LossSurface` (e.g. a fit resumed with
             ``ckpt_path`` after a failure at fit end evaluates only the missing points).
+        bn: BatchNorm statistics at each point of the PCA plane: ``"eval"`` (as stored) or
+            ``"recompute"`` (one pass over the data at the point's weights), as in
+            :class:`~lightning_landscape.LossSurface`.
 
     Raises:
         MisconfigurationException: both or neither of ``every_n_steps`` and
@@ -130,6 +134,7 @@ class TrajectoryPCA(LandscapeCallback):
         enabled: bool = True,
         on_error: Literal["warn", "raise"] = "warn",
         resume: bool = True,
+        bn: Literal["eval", "recompute"] = "eval",
     ) -> None:
         super().__init__()
         self.init_common(
@@ -162,6 +167,7 @@ class TrajectoryPCA(LandscapeCallback):
         self.center = bool(center)
         self.metrics = misconfigured(check_metric_names, metrics)
         self.seed = misconfigured(v.check_seed, "seed", seed)
+        self.bn = misconfigured(v.check_choice, "bn", bn, BN_POLICIES)
         self.log_scale = None if log_scale is None else bool(log_scale)
         self.resume = bool(resume)
         self.store: SnapshotStore | None = None
@@ -214,6 +220,7 @@ class TrajectoryPCA(LandscapeCallback):
         if has_lazy_parameters(pl_module):
             return  # shapes exist after the first forward: the store opens after the first step
         self.check_metrics_fit(trainer, pl_module, self.metrics)
+        self.check_bn(pl_module, self.bn)
         self._open(pl_module)
 
     def _open(self, pl_module: pl.LightningModule) -> None:
@@ -378,7 +385,7 @@ class TrajectoryPCA(LandscapeCallback):
         return pca, count
 
     def _surface(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pca: PCAResult, count: int) -> Landscape:
-        evaluator, source = self.build_evaluator(trainer, pl_module, self.metrics)
+        evaluator, source = self.build_evaluator(trainer, pl_module, self.metrics, bn=self.bn)
         like = {n: p for n, p in pl_module.named_parameters() if n in set(self._names)}
         directions = pca_directions(pca, like)
         coords = [np.linspace(lo, hi, self.resolution) for lo, hi in path_range(pca.path, self.margin)]
@@ -388,6 +395,7 @@ class TrajectoryPCA(LandscapeCallback):
             "centered": pca.centered,
             "rank": pca.rank,
             "data": self.data,
+            "bn": evaluator.bn,
             "loss_source": source,
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_landscape._validation import check_positive_int
+from lightning_landscape._validation import check_choice, check_positive_int
+from lightning_landscape.batchnorm import BN_POLICIES, recompute_bn, resolve_bn
 from lightning_landscape.data import BatchLoss, Reduce, cache_batches
 from lightning_landscape.metrics import METRIC_NAMES, check_metric_names, is_metric, metric_from_name
 from lightning_landscape.progress import track
@@ -77,6 +78,11 @@ class GridEvaluator:
             ``None`` on a single process.
         sync_metrics: let torchmetrics sync their states across processes at ``compute``
             (their default); ``False`` when every process evaluates all the data itself.
+        bn: BatchNorm running statistics at each point: ``"eval"`` uses them as stored;
+            ``"recompute"`` resets and recomputes them first with one pass over the cached
+            batches at the point's weights (see :func:`~lightning_landscape.batchnorm.recompute_bn`),
+            which interpolated, curve and plane points of BatchNorm networks need. A model
+            without BatchNorm warns once and is evaluated as with ``"eval"``.
 
     Example:
         >>> from lightning_landscape import make_batch_loss
@@ -97,8 +103,11 @@ class GridEvaluator:
         num_batches: int | None = None,
         reduce: Reduce | None = None,
         sync_metrics: bool = True,
+        bn: str = "eval",
     ) -> None:
         check_positive_int("num_batches", num_batches, allow_none=True)
+        self.bn = check_choice("bn", bn, BN_POLICIES)
+        self._bn_resolved = bn == "eval"
         self.device = torch.device(device)
         self.batches = cache_batches(data, self.device, num_batches)
         self.batch_loss = batch_loss
@@ -114,7 +123,15 @@ class GridEvaluator:
         self.num_samples: int | None = None
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Loss and metrics at the model's current weights; puts the model in eval mode."""
+        """Loss and metrics at the model's current weights; puts the model in eval mode.
+
+        With ``bn="recompute"`` the BatchNorm statistics are recomputed first and left so:
+        run inside :func:`~lightning_landscape.preserved_state` to get the model's own back.
+        """
+        if not self._bn_resolved:
+            self.bn, self._bn_resolved = resolve_bn(model, self.bn), True
+        if self.bn == "recompute":
+            recompute_bn(model, self.batches, self.batch_loss, reduce=self.reduce)
         model.eval()
         for metric in self.metrics.values():
             if metric is not None:

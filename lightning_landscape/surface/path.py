@@ -59,7 +59,7 @@ def interpolation_from_evaluator(
     targets = [tensors[n] for n in names]
     starts = [start_sd[n].detach().to(tensors[n]) for n in names]
     ends = [end_sd[n].detach().to(tensors[n]) for n in names]
-    meta = {"kind": "interpolation", **_versions.collect(), **(metadata or {})}
+    meta = {"kind": "interpolation", "bn": evaluator.bn, **_versions.collect(), **(metadata or {})}
     landscape = Landscape.empty([alphas], evaluator.metrics, meta)
 
     def set_point(idx: tuple[int, ...]) -> None:
@@ -85,6 +85,7 @@ def interpolate(
     num_batches: int | None = None,
     progress: bool | None = None,
     metadata: dict[str, Any] | None = None,
+    bn: str = "eval",
 ) -> Landscape:
     """Loss along θ(α) = (1−α)·θ_start + α·θ_end (Goodfellow et al. 2015).
 
@@ -96,8 +97,9 @@ def interpolate(
         model: a module with the architecture of both end points.
         start, end: state dicts or modules of that architecture.
         alphas: 1-D array of interpolation coefficients.
-        data, loss_fn, metrics, forward_fn, num_batches, progress, metadata: as in
-            :func:`loss_surface`.
+        data, loss_fn, metrics, forward_fn, num_batches, progress, metadata, bn: as in
+            :func:`loss_surface`. Interpolated BatchNorm statistics are not those of the
+            interpolated weights: ``bn="recompute"`` recomputes them at every α.
 
     Example:
         >>> a, b = nn.Linear(2, 1), nn.Linear(2, 1)
@@ -108,6 +110,11 @@ def interpolate(
     """
     as_coordinate_array("alphas", alphas)  # checked before the data is read
     evaluator = GridEvaluator(
-        data, make_batch_loss(loss_fn, forward_fn), metrics=metrics, device=model_device(model), num_batches=num_batches
+        data,
+        make_batch_loss(loss_fn, forward_fn),
+        metrics=metrics,
+        device=model_device(model),
+        num_batches=num_batches,
+        bn=bn,
     )
     return interpolation_from_evaluator(model, evaluator, start, end, alphas, progress=progress, metadata=metadata)

@@ -63,7 +63,7 @@ def surface_from_evaluator(
     for k, d in enumerate(dirs):
         check_direction("directions" if len(dirs) == 1 else f"directions[{k}]", d, params)
     grid = as_grid_coords(coords, len(dirs))
-    meta = {"kind": "surface", **_versions.collect(), **(metadata or {})}
+    meta = {"kind": "surface", "bn": evaluator.bn, **_versions.collect(), **(metadata or {})}
     save_to = None if resume is None or isinstance(resume, Landscape) or not owner else Path(resume)
     if save_to is not None:  # hashing θ*, the directions and the data is only needed to resume
         meta["fingerprint"] = fingerprint(
@@ -155,6 +155,7 @@ def loss_surface(
     progress: bool | None = None,
     metadata: dict[str, Any] | None = None,
     resume: str | os.PathLike | None = None,
+    bn: str = "eval",
 ) -> Landscape:
     """Loss (and metrics) on a 1-D or 2-D slice θ* + αδ + βη through the model's weights.
 
@@ -177,6 +178,9 @@ def loss_surface(
             made with the same weights, directions, grid, data and settings is continued (only
             the missing points are evaluated, bit for bit as an uninterrupted run); any other
             file there is replaced, with a log line saying why.
+        bn: ``"eval"`` evaluates with the BatchNorm running statistics as stored;
+            ``"recompute"`` recomputes them at every point with one pass over the data
+            (see :class:`GridEvaluator`); the model's own statistics come back either way.
 
     Returns:
         a :class:`Landscape` with ``values["loss"]`` of shape ``(len(α),)`` or ``(len(α), len(β))``.
@@ -201,6 +205,11 @@ def loss_surface(
         check_direction("directions" if len(dirs) == 1 else f"directions[{k}]", d, params)
     grid = as_grid_coords(coords, len(dirs))
     evaluator = GridEvaluator(
-        data, make_batch_loss(loss_fn, forward_fn), metrics=metrics, device=model_device(model), num_batches=num_batches
+        data,
+        make_batch_loss(loss_fn, forward_fn),
+        metrics=metrics,
+        device=model_device(model),
+        num_batches=num_batches,
+        bn=bn,
     )
     return surface_from_evaluator(model, evaluator, dirs, grid, progress=progress, metadata=metadata, resume=resume)
