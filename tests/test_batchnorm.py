@@ -187,7 +187,12 @@ def test_callbacks_warn_at_fit_start_when_there_is_no_batchnorm(tmp_path):
     data = torch.utils.data.TensorDataset(torch.randn(32, 5, generator=g), torch.randint(0, 3, (32,), generator=g))
     surface = LossSurface(dims=1, resolution=3, bn="recompute", progress=False)
     trainer = pl.Trainer(
-        max_steps=2, callbacks=[surface], logger=False, enable_checkpointing=False, enable_progress_bar=False
+        max_steps=2,
+        callbacks=[surface],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
     )
     with pytest.warns(LandscapeWarning, match=r"LossSurface\(bn='recompute'\): Plain has no BatchNorm") as record:
         trainer.fit(Plain(), torch.utils.data.DataLoader(data, batch_size=16))
