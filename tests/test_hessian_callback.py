@@ -162,3 +162,37 @@ def test_top_k_larger_than_model_fails_before_training(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"`top_k`=100000 is larger than the model's 396"):
         fit_with(tmp_path, [Count(top_k=100000)])
     assert steps["n"] == 0
+
+
+def test_loss_surface_along_hessian_eigenvectors_matches_the_exact_hessian(tmp_path):
+    """directions='hessian': the plane of the exact Hessian's top-2 eigenvectors (up to sign)."""
+    from lightning_landscape.hessian.directions import fix_signs
+
+    surface = LossSurface(resolution=5, span=0.5, num_batches=1, directions="hessian", progress=False)
+    trainer, model, x, y = fit_with(tmp_path, [surface])
+    model = model.double().eval()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def loss(vec):
+        params, i = {}, 0
+        for n, p in model.named_parameters():
+            params[n] = vec[i : i + p.numel()].view(p.shape)
+            i += p.numel()
+        return F.cross_entropy(functional_call(model, params, (x.double(),)), y)
+
+    values, vectors = np.linalg.eigh(torch.func.hessian(loss)(flat).numpy())
+    top = fix_signs(vectors[:, ::-1][:, :2].T.copy())
+    ls = surface.landscape
+    np.testing.assert_allclose(ls.metadata["hessian_eigenvalues"], values[::-1][:2], rtol=1e-3)
+    assert ls.metadata["directions"] == "hessian" and ls.metadata["axis_labels"][0].startswith("v1 (λ=")
+    for i, alpha in enumerate(ls.coords[0]):
+        for j, beta in enumerate(ls.coords[1]):
+            point = flat + torch.from_numpy(alpha * top[0] + beta * top[1])
+            assert ls.loss[i, j] == pytest.approx(loss(point).item(), rel=1e-4), (alpha, beta)
+
+
+def test_hessian_directions_reject_a_norm_and_unknown_kinds():
+    with pytest.raises(MisconfigurationException, match=r"`directions`='hessian' .* `norm`='layer'"):
+        LossSurface(directions="hessian", norm="layer")
+    with pytest.raises(MisconfigurationException, match=r"`directions`='spectral' is not supported"):
+        LossSurface(directions="spectral")

@@ -15,16 +15,25 @@ from typing_extensions import override
 
 from lightning_landscape import _validation as v
 from lightning_landscape.batchnorm import BN_POLICIES
-from lightning_landscape.callbacks._base import DEFAULT_NUM_BATCHES, LandscapeCallback, analysis_context, misconfigured
+from lightning_landscape.callbacks._base import (
+    DEFAULT_NUM_BATCHES,
+    LandscapeCallback,
+    analysis_context,
+    has_lazy_parameters,
+    misconfigured,
+)
 from lightning_landscape.callbacks._distributed import Collectives, HandedOff
 from lightning_landscape.data import move_to_device
 from lightning_landscape.directions import IGNORES, NORMS, random_direction
-from lightning_landscape.hessian import ratio_map
+from lightning_landscape.hessian import hessian_directions, ratio_map
 from lightning_landscape.metrics import check_metric_names
 from lightning_landscape.plots import landscape_figures, plot_ratio_map, plotly_surface
 from lightning_landscape.results import Landscape
 from lightning_landscape.surface import GridEvaluator, surface_from_evaluator
 from lightning_landscape.trackers import write_files
+
+#: Where the plane's directions come from.
+DIRECTIONS = ("random", "hessian")
 
 #: How a surface is split across DDP processes.
 DISTRIBUTE = ("data", "grid")
@@ -93,6 +102,12 @@ class LossSurface(LandscapeCallback):
             shard) or the ``"grid"`` (the paper's scheme: the shards are gathered so every rank
             holds all the data, and each evaluates every world-th point; no collective per point,
             for evaluation data small against the grid). The result is the same.
+        directions: ``"random"``: filter-normalized random directions (the paper's, comparable
+            across networks); ``"hessian"``: the top eigenvectors of the Hessian at the trained
+            weights (unit norm, from the Lanczos run of :func:`~lightning_landscape.hessian_directions`),
+            where the loss curves most. Hessian planes are not comparable across networks the way
+            filter-normalized ones are (their scale follows the parameterization); ``norm`` and
+            ``ignore`` do not apply to them and must stay at their defaults.
         bn: BatchNorm statistics at each grid point: ``"eval"`` (as stored, the paper's choice)
             or ``"recompute"`` (reset and recomputed with one pass over the evaluation data at the
             point's weights, as Garipov et al. and ``torch.optim.swa_utils.update_bn``; one more
@@ -142,6 +157,7 @@ class LossSurface(LandscapeCallback):
         resume: bool = True,
         distribute: Literal["data", "grid"] = "data",
         bn: Literal["eval", "recompute"] = "eval",
+        directions: Literal["random", "hessian"] = "random",
     ) -> None:
         super().__init__()
         self.init_common(
@@ -172,6 +188,13 @@ class LossSurface(LandscapeCallback):
         self.resume = bool(resume)
         self.distribute = misconfigured(v.check_choice, "distribute", distribute, DISTRIBUTE)
         self.bn = misconfigured(v.check_choice, "bn", bn, BN_POLICIES)
+        self.directions = misconfigured(v.check_choice, "directions", directions, DIRECTIONS)
+        if self.directions == "hessian" and (self.norm, self.ignore) != ("filter", "biasbn"):
+            raise MisconfigurationException(
+                f"`directions`='hessian' takes the Hessian's unit eigenvectors as they are, so `norm`={self.norm!r} "
+                f"and `ignore`={self.ignore!r} cannot apply; leave them at 'filter' and 'biasbn', or use "
+                "directions='random'."
+            )
         self.ratio_resolution = misconfigured(v.check_resolution, "ratio_resolution", ratio_resolution, 2)
         #: The last computed landscape and ratio map (on every rank).
         self.landscape: Landscape | None = None
@@ -185,6 +208,13 @@ class LossSurface(LandscapeCallback):
         if self.enabled:
             self.check_metrics_fit(trainer, pl_module, self.metrics)
             self.check_bn(pl_module, self.bn)
+            if self.directions == "hessian" and not has_lazy_parameters(pl_module):
+                count = sum(p.numel() for p in self.check_module(pl_module).values())
+                if count < self.dims:
+                    raise MisconfigurationException(
+                        f"`directions`='hessian' with `dims`={self.dims} needs {self.dims} eigenvectors, but "
+                        f"{type(pl_module).__name__} has {count} trainable parameter(s)."
+                    )
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -239,14 +269,24 @@ class LossSurface(LandscapeCallback):
     ) -> tuple[GridEvaluator, list, dict[str, Any]]:
         """The evaluator over cached batches, the directions and the metadata (inside :func:`analysis_context`)."""
         evaluator, source = self.build_evaluator(trainer, pl_module, self.metrics, bn=self.bn)
-        first = random_direction(pl_module, norm=self.norm, ignore=self.ignore, seed=self.seed)
-        directions = [first]
-        if self.dims == 2:
-            orth = first if self.orthogonal else None
-            directions.append(
-                random_direction(pl_module, norm=self.norm, ignore=self.ignore, seed=self.seed + 1, orthogonal_to=orth)
+        if self.directions == "hessian":
+            found = hessian_directions(
+                pl_module,
+                evaluator.batches,
+                batch_loss=evaluator.batch_loss,
+                num=self.dims,
+                seed=self.seed,
+                reduce=evaluator.reduce,
+                agree=Collectives(trainer).broadcast,
             )
+            directions = found.directions
+            extra = {"hessian_" + k: found.metadata[k] for k in ("eigenvalues", "num_hvp", "converged")}
+            extra["axis_labels"] = [f"v{k + 1} (λ={lam:.3g})" for k, lam in enumerate(found.eigenvalues)]
+        else:
+            directions, extra = self._random_directions(pl_module), {}
         metadata = {
+            "directions": self.directions,
+            **extra,
             "norm": self.norm,
             "ignore": self.ignore,
             "seed": self.seed,
@@ -258,6 +298,16 @@ class LossSurface(LandscapeCallback):
             "epoch": trainer.current_epoch,
         }
         return evaluator, directions, metadata
+
+    def _random_directions(self, pl_module: pl.LightningModule) -> list:
+        first = random_direction(pl_module, norm=self.norm, ignore=self.ignore, seed=self.seed)
+        if self.dims == 1:
+            return [first]
+        orth = first if self.orthogonal else None
+        return [
+            first,
+            random_direction(pl_module, norm=self.norm, ignore=self.ignore, seed=self.seed + 1, orthogonal_to=orth),
+        ]
 
     def _all_data_evaluator(self, comm: Collectives, evaluator: GridEvaluator) -> GridEvaluator:
         """An evaluator over every rank's batches (gathered in rank order), without any reduce or metric sync."""

@@ -15,6 +15,8 @@ operator (:class:`HessianOperator`, a ``scipy.sparse.linalg.LinearOperator``, in
   :mod:`~lightning_landscape.hessian.density`), on the same Lanczos core,
 * :func:`hessian_check`, all of them at the model's weights in one :class:`HessianReport`
   (:mod:`~lightning_landscape.hessian.check`),
+* :func:`hessian_directions`, the top eigenvectors as plane directions for a surface
+  (:mod:`~lightning_landscape.hessian.directions`; Ritz vectors of the same Lanczos run),
 * :func:`ratio_map`, the map of |λmin/λmax| over a plane of weights (Li et al., NeurIPS 2018,
   Fig. 7; :mod:`~lightning_landscape.hessian.ratio_map`).
 
@@ -42,6 +44,7 @@ Example:
 
 from lightning_landscape.hessian.check import hessian_check, seed_streams
 from lightning_landscape.hessian.density import slq_density, slq_nodes
+from lightning_landscape.hessian.directions import HessianDirections, hessian_directions
 from lightning_landscape.hessian.lanczos import (
     BASIS_BYTES,
     MAX_BASIS,
@@ -59,6 +62,7 @@ __all__ = [
     "BASIS_BYTES",
     "MAX_BASIS",
     "TRACE_METHODS",
+    "HessianDirections",
     "HessianOperator",
     "HessianReport",
     "Lanczos",
@@ -66,6 +70,7 @@ __all__ = [
     "SpectralDensity",
     "default_max_basis",
     "hessian_check",
+    "hessian_directions",
     "hutchinson",
     "hutchpp",
     "lanczos_extremes",

@@ -93,7 +93,15 @@ def _check_grid_size(value: Any) -> int:
     return int(value)
 
 
-def _finite_loss(op: HessianOperator) -> float:
+def finite_loss(op: HessianOperator) -> float:
+    """The loss at the operator's weights; ``ValueError`` if it is not finite (no Hessian there).
+
+    Example:
+        >>> model = nn.Linear(2, 1, bias=False); _ = nn.init.zeros_(model.weight)
+        >>> batch_loss = resolve_batch_loss(nn.functional.mse_loss, None, None)
+        >>> finite_loss(HessianOperator(model, [(torch.ones(3, 2), torch.ones(3, 1))], batch_loss))
+        1.0
+    """
     loss = op.loss()
     if not math.isfinite(loss):
         raise ValueError(
@@ -213,7 +221,7 @@ def hessian_check(
     op = HessianOperator(model, data, batch_loss, num_batches=num_batches, reduce=reduce, agree=agree)
     with preserved_state(model):
         model.eval()
-        loss = _finite_loss(op)
+        loss = finite_loss(op)
         eig = lanczos_extremes(op, top_k, lambda_min, tol, eig_rng, maxiter, max_basis)
         trace_value = trace_stderr = spectral = None
         if trace:

@@ -162,6 +162,8 @@ class LanczosResult:
     solver: str  # "lanczos" or "lanczos+arpack"
     # per Lanczos step: (θmax, its residual norm, θmin, its residual norm)
     history: list[tuple[float, float, float, float]] = field(default_factory=list)
+    # with ``vectors=True``: the unit Ritz vectors of ``top``, one row each (k × P float64), else None
+    vectors: np.ndarray | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -184,6 +186,7 @@ def lanczos_extremes(
     rng: np.random.Generator,
     maxiter: int | None = None,
     max_basis: int | None = None,
+    vectors: bool = False,
 ) -> LanczosResult:
     """The ``top_k`` largest eigenvalues and (``lambda_min``) the smallest, from ONE Lanczos run.
 
@@ -217,6 +220,12 @@ def lanczos_extremes(
     best estimates are returned (NaN for eigenvalues not reached) with ``converged=False``
     and a ``RuntimeWarning``.
 
+    ``vectors=True`` also returns the Ritz vectors of the top ``top_k`` (``result.vectors``, one
+    row each, orthonormal: the basis combined with eigenvectors of T, or ARPACK's eigenvectors when
+    it took over the top end): ``top_k × P × 8`` more bytes, built while the basis still exists.
+    A Ritz vector's angle to the eigenspace of its eigenvalue is at most ρ/gap (Davis–Kahan), so
+    it converges more slowly than the eigenvalue (ρ²/gap): ask a smaller ``tol`` for vectors.
+
     Example:
         >>> result = lanczos_extremes(np.diag([-1.0, 0.5, 2.0, 4.0]), 1, True, 1e-6, np.random.default_rng(0))
         >>> round(float(result.top[0]), 9), round(result.low, 9), result.converged
@@ -227,7 +236,7 @@ def lanczos_extremes(
     max_basis = default_max_basis(n) if max_basis is None else int(max_basis)
     search = _ExtremesSearch(op, top_k, lambda_min, tol, min(n, max(max_basis, 2 * top_k + 1)))
     search.run(rng, budget)
-    result = search.result(budget)
+    result = search.result(budget, vectors)
     if not result.converged:
         warnings.warn(
             f"Lanczos did not converge to `tol`={tol} within `maxiter`={budget} Hessian-vector products "
@@ -313,23 +322,37 @@ class _ExtremesSearch:
         kth = earlier[-self.top_k] if earlier.size >= self.top_k else -np.inf
         return bool(own[-1] <= kth + self.tol * scale)
 
-    def result(self, budget: int) -> LanczosResult:
-        """The estimates after :meth:`run`; ARPACK goes on for each unconverged end if the basis filled first."""
+    def result(self, budget: int, vectors: bool = False) -> LanczosResult:
+        """The estimates after :meth:`run`; ARPACK goes on for each unconverged end if the basis filled first.
+
+        ``vectors``: also the Ritz vectors of ``top`` (rows; NaN rows for eigenvalues not reached).
+        """
         j, theta = self.lanczos.size, self.theta
         top = np.full(self.top_k, np.nan)
         found = theta[::-1][: min(self.top_k, j)]
         top[: found.size] = found
+        ritz = None
+        if vectors:  # now: ARPACK below frees the basis
+            ritz = np.full((self.top_k, self.n), np.nan)
+            ritz[: found.size] = self.lanczos.combine(self.s[:, ::-1][:, : found.size]).T
         low = (float(theta[0]) if j >= self.need else float("nan")) if self.lambda_min else None
         solver, hvp = "lanczos", j
         if not (self.top_ok and self.low_ok) and j == self.lanczos.capacity < self.n and hvp < budget:
             solver = "lanczos+arpack"
-            top, low, hvp = self._arpack(top, low, budget - hvp)
+            top, low, hvp, ritz = self._arpack(top, low, budget - hvp, ritz)
         converged = self.top_ok and self.low_ok
         history = self.history
-        return LanczosResult(top=top, low=low, converged=converged, hvp=hvp, steps=j, solver=solver, history=history)
+        return LanczosResult(
+            top=top, low=low, converged=converged, hvp=hvp, steps=j, solver=solver, history=history, vectors=ritz
+        )
 
-    def _arpack(self, top: np.ndarray, low: float | None, budget: int) -> tuple[np.ndarray, float | None, int]:
-        """ARPACK for each end not converged, from the sum of its Ritz vectors, within ``budget`` more products."""
+    def _arpack(
+        self, top: np.ndarray, low: float | None, budget: int, ritz: np.ndarray | None = None
+    ) -> tuple[np.ndarray, float | None, int, np.ndarray | None]:
+        """ARPACK for each end not converged, from the sum of its Ritz vectors, within ``budget`` more products.
+
+        With ``ritz`` (the top Ritz vectors), ARPACK's eigenvectors replace them when it finds the top end.
+        """
         lanczos, s, top_k = self.lanczos, self.s, self.top_k
         ends = [("LA", top_k, s[:, -top_k:])] if not self.top_ok else []
         ends += [("SA", 1, s[:, :1])] if not self.low_ok else []
@@ -338,15 +361,17 @@ class _ExtremesSearch:
         limited = _Budgeted(self.op, budget)
         for (which, k, _), v0 in zip(ends, starts):
             ncv = min(self.n, max(2 * k + 1, min(MIN_BASIS, lanczos.capacity)))
+            want = ritz is not None and which == "LA"
             try:
-                values = _eigsh_end(limited, k, which, self.tol, v0, ncv)
+                values, vecs = _eigsh_end(limited, k, which, self.tol, v0, ncv, vectors=want)
             except (_OutOfBudget, ArpackNoConvergence, ArpackError):
                 continue
             if which == "LA":
                 top, self.top_ok = values, True
+                ritz = vecs.T if want else ritz
             else:
                 low, self.low_ok = float(values[-1]), True
-        return top, low, lanczos.size + budget - limited.left
+        return top, low, lanczos.size + budget - limited.left, ritz
 
 
 class _OutOfBudget(Exception):
@@ -370,12 +395,18 @@ class _Budgeted(LinearOperator):
         return self._matvec(x)
 
 
-def _eigsh_end(op: LinearOperator, k: int, which: str, tol: float, v0: np.ndarray, ncv: int) -> np.ndarray:
+def _eigsh_end(
+    op: LinearOperator, k: int, which: str, tol: float, v0: np.ndarray, ncv: int, vectors: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The ``k`` eigenvalues at one end of the spectrum (``which`` = 'LA' or 'SA') by ARPACK, descending.
 
+    With ``vectors``, also their unit eigenvectors as columns in the same order (else None).
     Raises ``ArpackNoConvergence``, ``ArpackError`` and :class:`_OutOfBudget` (from a
     :class:`_Budgeted` ``op``) to the caller.
     """
     maxiter = MAXITER_PER_WEIGHT * op.shape[0]
-    values = eigsh(op, k=k, which=which, tol=tol, v0=v0, ncv=ncv, maxiter=maxiter, return_eigenvectors=False)
-    return np.sort(np.asarray(values, dtype=np.float64))[::-1]
+    found = eigsh(op, k=k, which=which, tol=tol, v0=v0, ncv=ncv, maxiter=maxiter, return_eigenvectors=vectors)
+    values, vecs = found if vectors else (found, None)
+    order = np.argsort(np.asarray(values, dtype=np.float64))[::-1]
+    values = np.asarray(values, dtype=np.float64)[order]
+    return values, (None if vecs is None else np.asarray(vecs, dtype=np.float64)[:, order])
