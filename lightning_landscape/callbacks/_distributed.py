@@ -30,7 +30,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DistributedSampler
 
 from lightning_landscape.data import count_samples
-from lightning_landscape.results import HessianReport, Landscape, PCAResult
+from lightning_landscape.results import HessianReport, Landscape, PCAResult, SharpnessReport
 
 
 class PeerFailure(RuntimeError):
@@ -219,7 +219,12 @@ def new_handoff() -> Path:
     return path
 
 
-_RESULT_KINDS: dict[str, Any] = {"Landscape": Landscape, "PCAResult": PCAResult, "HessianReport": HessianReport}
+_RESULT_KINDS: dict[str, Any] = {
+    "Landscape": Landscape,
+    "PCAResult": PCAResult,
+    "HessianReport": HessianReport,
+    "SharpnessReport": SharpnessReport,
+}
 _MANIFEST = "manifest.json"
 
 
