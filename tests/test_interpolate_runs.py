@@ -111,3 +111,23 @@ def test_a_saved_state_dict_file_works_like_the_module(tmp_path):
     from_module = interpolate_runs(a, a, b, data, loss_fn=F.mse_loss, progress=False)
     np.testing.assert_array_equal(from_file.loss, from_module.loss)
     assert "val_loss" not in from_file.values
+
+
+def test_val_values_use_statistics_recomputed_from_the_training_data():
+    """bn='recompute': a point's BatchNorm statistics come from the train data, for the val values too."""
+    from torch.optim.swa_utils import update_bn
+
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)) for _ in range(2)]
+    g = torch.Generator().manual_seed(1)
+    train = [(torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(2)]
+    val = [(3 * torch.randn(16, 4, generator=g) + 2, torch.randint(0, 3, (16,), generator=g))]  # other statistics
+    ls = interpolate_runs(
+        nets[0], nets[0], nets[1], train, val_data=val, loss_fn=F.cross_entropy, alphas=[0.5], bn="recompute"
+    )
+    point = copy.deepcopy(nets[0])
+    sa, sb = nets[0].state_dict(), nets[1].state_dict()
+    point.load_state_dict({k: torch.lerp(sa[k].double(), sb[k].double(), 0.5).to(sa[k].dtype) for k in sa})
+    update_bn([x for x, _ in train], point)
+    assert ls.values["val_loss"][0] == pytest.approx(eval_loss(point, val), rel=1e-6)
+    assert ls.loss[0] == pytest.approx(eval_loss(point, train), rel=1e-6)

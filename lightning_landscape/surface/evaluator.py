@@ -83,6 +83,8 @@ class GridEvaluator:
             batches at the point's weights (see :func:`~lightning_landscape.batchnorm.recompute_bn`),
             which interpolated, curve and plane points of BatchNorm networks need. A model
             without BatchNorm warns once and is evaluated as with ``"eval"``.
+        bn_batches: the batches the statistics are recomputed from (default: this evaluator's own),
+            e.g. the training batches of an evaluator on validation data.
 
     Example:
         >>> from lightning_landscape import make_batch_loss
@@ -104,10 +106,12 @@ class GridEvaluator:
         reduce: Reduce | None = None,
         sync_metrics: bool = True,
         bn: str = "eval",
+        bn_batches: list[Any] | None = None,
     ) -> None:
         check_positive_int("num_batches", num_batches, allow_none=True)
         self.bn = check_choice("bn", bn, BN_POLICIES)
         self._bn_resolved = bn == "eval"
+        self.bn_batches = bn_batches
         self.device = torch.device(device)
         self.batches = cache_batches(data, self.device, num_batches)
         self.batch_loss = batch_loss
@@ -131,7 +135,8 @@ class GridEvaluator:
         if not self._bn_resolved:
             self.bn, self._bn_resolved = resolve_bn(model, self.bn), True
         if self.bn == "recompute":
-            recompute_bn(model, self.batches, self.batch_loss, reduce=self.reduce)
+            batches = self.batches if self.bn_batches is None else self.bn_batches
+            recompute_bn(model, batches, self.batch_loss, reduce=self.reduce)
         model.eval()
         for metric in self.metrics.values():
             if metric is not None:

@@ -45,7 +45,9 @@ def interpolate_runs(
     both shapes). α = 0 is ``start``, α = 1 ``end`` (every floating-point tensor interpolated,
     BatchNorm statistics too, or recomputed at every α with ``bn="recompute"``, which BatchNorm
     networks need between two runs). The values on ``val_data`` are stored with the prefix ``val_``
-    (``val_loss``, ``val_accuracy``); draw them with :func:`~lightning_landscape.plot_interpolation`.
+    (``val_loss``, ``val_accuracy``; with ``bn="recompute"`` evaluated with the statistics recomputed
+    from ``data``, the training data, as for the train values); draw them with
+    :func:`~lightning_landscape.plot_interpolation`.
 
     Example:
         >>> a, b = nn.Linear(2, 1), nn.Linear(2, 1)
@@ -63,8 +65,19 @@ def interpolate_runs(
     device = model_device(model)
     sets = {"": data} if val_data is None else {"": data, VAL_PREFIX: val_data}
     result: Landscape | None = None
+    train_batches = None
     for prefix, batches in sets.items():
-        evaluator = GridEvaluator(batches, batch_loss, metrics=metrics, device=device, num_batches=num_batches, bn=bn)
+        # The statistics of a point are those of the training data, also where val data is evaluated.
+        evaluator = GridEvaluator(
+            batches,
+            batch_loss,
+            metrics=metrics,
+            device=device,
+            num_batches=num_batches,
+            bn=bn,
+            bn_batches=train_batches,
+        )
+        train_batches = evaluator.batches if train_batches is None else train_batches
         line = interpolation_from_evaluator(
             model,
             evaluator,
