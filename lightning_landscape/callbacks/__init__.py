@@ -2,6 +2,8 @@
 
 from lightning_landscape.callbacks.hessian import HessianSpectrum
 from lightning_landscape.callbacks.loss_surface import LossSurface
+from lightning_landscape.callbacks.sharpness import Sharpness
+from lightning_landscape.callbacks.swa import SWAComparison
 from lightning_landscape.callbacks.trajectory import TrajectoryPCA
 
-__all__ = ["HessianSpectrum", "LossSurface", "TrajectoryPCA"]
+__all__ = ["HessianSpectrum", "LossSurface", "SWAComparison", "Sharpness", "TrajectoryPCA"]
