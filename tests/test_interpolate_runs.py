@@ -131,3 +131,15 @@ def test_val_values_use_statistics_recomputed_from_the_training_data():
     update_bn([x for x, _ in train], point)
     assert ls.values["val_loss"][0] == pytest.approx(eval_loss(point, val), rel=1e-6)
     assert ls.loss[0] == pytest.approx(eval_loss(point, train), rel=1e-6)
+
+
+def test_interpolate_takes_checkpoint_paths_too(two_runs):
+    from lightning_landscape import interpolate
+
+    (a, b), (model_a, model_b), dm = two_runs
+    train = list(dm.train_dataloader())
+    alphas = np.array([0.0, 0.5, 1.0])
+    from_paths = interpolate(DigitsClassifier(channels=4), a, str(b), alphas, train, loss_fn=F.cross_entropy)
+    from_modules = interpolate(DigitsClassifier(channels=4), model_a, model_b, alphas, train, loss_fn=F.cross_entropy)
+    np.testing.assert_array_equal(from_paths.loss, from_modules.loss)
+    assert from_paths.loss[0] == pytest.approx(eval_loss(model_a, train), rel=1e-6)

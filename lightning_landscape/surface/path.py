@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -10,25 +10,18 @@ from torch import nn
 
 from lightning_landscape import _versions
 from lightning_landscape._validation import as_coordinate_array
+from lightning_landscape.checkpoints import WeightSource, read_state_dict
 from lightning_landscape.data import ForwardFn, LossFn, make_batch_loss, model_device
 from lightning_landscape.results import Landscape
 from lightning_landscape.state import preserved_state
 from lightning_landscape.surface.evaluator import GridEvaluator
 
 
-def _state_of(name: str, obj: Any) -> Mapping[str, torch.Tensor]:
-    if isinstance(obj, nn.Module):
-        return obj.state_dict()
-    if isinstance(obj, Mapping):
-        return obj
-    raise ValueError(f"`{name}` is a {type(obj).__name__}; expected a state dict or an nn.Module.")
-
-
 def interpolation_from_evaluator(
     model: nn.Module,
     evaluator: GridEvaluator,
-    start: Mapping[str, torch.Tensor] | nn.Module,
-    end: Mapping[str, torch.Tensor] | nn.Module,
+    start: WeightSource,
+    end: WeightSource,
     alphas: Any,
     *,
     progress: bool | None = None,
@@ -44,7 +37,7 @@ def interpolation_from_evaluator(
         [0.0, 0.25, 1.0]
     """
     alphas = as_coordinate_array("alphas", alphas)
-    start_sd, end_sd = _state_of("start", start), _state_of("end", end)
+    start_sd, end_sd = read_state_dict(start, "start"), read_state_dict(end, "end")
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     names = [n for n, t in tensors.items() if t.is_floating_point()]
     for label, sd in (("start", start_sd), ("end", end_sd)):
@@ -74,8 +67,8 @@ def interpolation_from_evaluator(
 
 def interpolate(
     model: nn.Module,
-    start: Mapping[str, torch.Tensor] | nn.Module,
-    end: Mapping[str, torch.Tensor] | nn.Module,
+    start: WeightSource,
+    end: WeightSource,
     alphas: Any,
     data: Iterable[Any],
     *,
@@ -95,7 +88,9 @@ def interpolate(
 
     Args:
         model: a module with the architecture of both end points.
-        start, end: state dicts or modules of that architecture.
+        start, end: state dicts or modules of that architecture, or paths of Lightning ``.ckpt``
+            files or saved state dicts (see :func:`~lightning_landscape.interpolate_runs` for two
+            runs with train and val data).
         alphas: 1-D array of interpolation coefficients.
         data, loss_fn, metrics, forward_fn, num_batches, progress, metadata, bn: as in
             :func:`loss_surface`. Interpolated BatchNorm statistics are not those of the
