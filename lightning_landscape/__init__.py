@@ -7,7 +7,7 @@ Hessian-eigenvector planes; the papers' comparisons: two runs on one line, mode-
 curves (Garipov et al. 2018), SWA vs SGD (Izmailov et al. 2018), ε-sharpness (Keskar et al.
 2017) and basin volume (Huang et al. 2019). The functional core imports no Lightning; the
 callbacks (``LossSurface``, ``TrajectoryPCA``, ``HessianSpectrum``, ``Sharpness``,
-``SWAComparison``) load it on first use.
+``SWAComparison``, ``ModeConnectivity``) load it on first use.
 """
 
 from typing import Any
@@ -50,7 +50,7 @@ from lightning_landscape.trajectory import PCAResult, SnapshotStore, TooFewSnaps
 
 __version__ = _package_version()
 
-_CALLBACKS = {"HessianSpectrum", "LossSurface", "SWAComparison", "Sharpness", "TrajectoryPCA"}
+_CALLBACKS = {"HessianSpectrum", "LossSurface", "ModeConnectivity", "SWAComparison", "Sharpness", "TrajectoryPCA"}
 
 
 def __getattr__(name: str) -> Any:
@@ -73,6 +73,7 @@ __all__ = [
     "Landscape",
     "LandscapeWarning",
     "LossSurface",
+    "ModeConnectivity",
     "ModelState",
     "PCAResult",
     "SWAComparison",

@@ -201,7 +201,9 @@ def test_no_private_name_is_imported_across_modules():
 
 
 def test_the_core_imports_no_lightning():
-    core = [p for p in _modules() if p.parent.name not in ("callbacks", "trackers") and p.name != "_lightning.py"]
+    # The command line builds Trainers and LightningModules from class paths, like LightningCLI.
+    outside = ("callbacks", "trackers", "cli")
+    core = [p for p in _modules() if p.parent.name not in outside and p.name != "_lightning.py"]
     for path in core:
         for node in ast.walk(ast.parse(path.read_text())):
             names = []

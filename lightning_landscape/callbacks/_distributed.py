@@ -30,7 +30,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DistributedSampler
 
 from lightning_landscape.data import count_samples
-from lightning_landscape.results import HessianReport, Landscape, PCAResult, SharpnessReport
+from lightning_landscape.results import CurveResult, HessianReport, Landscape, PCAResult, SharpnessReport
 
 
 class PeerFailure(RuntimeError):
@@ -224,6 +224,7 @@ _RESULT_KINDS: dict[str, Any] = {
     "PCAResult": PCAResult,
     "HessianReport": HessianReport,
     "SharpnessReport": SharpnessReport,
+    "CurveResult": CurveResult,
 }
 _MANIFEST = "manifest.json"
 
