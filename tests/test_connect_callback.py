@@ -22,12 +22,10 @@ from torch.optim.swa_utils import update_bn
 
 from examples.digits import DigitsClassifier, DigitsDataModule
 from lightning_landscape.callbacks._module_loss import module_batch_loss
-from lightning_landscape.callbacks.connect import ModeConnectivity, PairLoss
+from lightning_landscape.callbacks.connect import ModeConnectivity
 from lightning_landscape.connect import plane_basis
-from lightning_landscape.data import make_batch_loss
 from lightning_landscape.results import CurveResult, Landscape
 from lightning_landscape.state import capture_state
-from lightning_landscape.surface import GridEvaluator
 
 from .helpers import assert_state_equal
 
@@ -303,29 +301,28 @@ def test_more_than_one_process_is_refused_at_setup(other_ckpt):
         cb.setup(trainer, DigitsClassifier(channels=2), "fit")
 
 
-@pytest.mark.parametrize("want_outputs", [False, True])
-def test_pair_loss_passes_the_module_loss_and_its_sample_count_through(want_outputs):
-    # Batches of unequal size: a wrong sample count would change the sample-weighted mean.
+def test_the_core_takes_the_module_loss_as_a_batch_loss():
+    """fit_curve/curve_plane(batch_loss=module loss) equal the same loss given as loss_fn."""
+    from lightning_landscape import Curve, curve_plane, fit_curve
+
     pl.seed_everything(0, verbose=False)
-    model = DigitsClassifier(channels=2).eval()
+    model, other = DigitsClassifier(channels=2), DigitsClassifier(channels=2)
     x, y = torch.rand(13, 1, 8, 8), torch.randint(0, 10, (13,))
     batches = [(x[:8], y[:8]), (x[8:], y[8:])]
-    # A loss_fn, not training_step: self.log outside a Trainer warns.
     loss_fn = lambda module, batch: F.cross_entropy(module(batch[0]), batch[1])  # noqa: E731
-    batch_loss, _ = module_batch_loss(model, loss_fn, want_outputs=want_outputs)
-    pair = PairLoss(batch_loss)
-    combined = make_batch_loss(pair.loss_fn, pair.forward_fn)
-    for batch in batches:
-        loss, n, outputs, _ = combined(model, batch)
-        assert torch.equal(loss, batch_loss(model, batch)[0]) and n == len(batch[1])
-        assert (outputs is not None) == want_outputs
-    metrics = ["accuracy"] if want_outputs else None
-    values = GridEvaluator(batches, combined, metrics=metrics).evaluate(model)
-    with torch.no_grad():
-        out = model(x)
-    assert values["loss"] == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-6)
-    if want_outputs:
-        assert values["accuracy"] == pytest.approx((out.argmax(1) == y).double().mean().item(), abs=1e-6)
+    batch_loss, _ = module_batch_loss(model, loss_fn, want_outputs=False)
+    kwargs = {"epochs": 2, "progress": False, "seed": 3}
+    a = fit_curve(model, model, other, batches, batch_loss=batch_loss, **kwargs)
+    b = fit_curve(model, model, other, batches, loss_fn=F.cross_entropy, **kwargs)
+    assert a.history == b.history
+    assert all(torch.equal(a.bends[0][k], b.bends[0][k]) for k in a.bends[0])
+    plane = {"resolution": 3, "bn": "eval", "progress": False}
+    pa = curve_plane(model, a, batches, batch_loss=batch_loss, **plane)
+    pb = curve_plane(model, a, batches, loss_fn=F.cross_entropy, **plane)
+    np.testing.assert_array_equal(pa.loss, pb.loss)
+    with pytest.raises(ValueError, match="`batch_loss` was given together with `loss_fn`"):
+        fit_curve(model, model, other, batches, batch_loss=batch_loss, loss_fn=F.cross_entropy)
+    assert isinstance(a, Curve)
 
 
 def test_every_hook_is_marked_override():

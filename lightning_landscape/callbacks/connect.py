@@ -28,7 +28,6 @@ from lightning_landscape.callbacks._module_loss import module_batch_loss
 from lightning_landscape.checkpoints import load_weights
 from lightning_landscape.connect import Curve, check_ts, curve_plane, curve_result_from_evaluator, fit_curve
 from lightning_landscape.connect.fit import check_fit_options
-from lightning_landscape.data import BatchLoss
 from lightning_landscape.metrics import check_metric_names
 from lightning_landscape.plots import plot_connection, plot_curve_plane
 from lightning_landscape.results import CurveResult, Landscape
@@ -71,43 +70,6 @@ def check_points(points: Any) -> np.ndarray:
         return check_ts(points)
     except ValueError as err:  # the core names its own argument `ts`
         raise ValueError(str(err).replace("`ts`", "`points`", 1)) from err
-
-
-class PairLoss:
-    """A :data:`~lightning_landscape.data.BatchLoss` as the ``(forward_fn, loss_fn)`` pair that
-    :func:`~lightning_landscape.connect.fit_curve` and :func:`~lightning_landscape.connect.curve_plane` take.
-
-    ``make_batch_loss(loss_fn, forward_fn)`` calls ``forward_fn(model, batch)`` and then, at once
-    and on its result, ``loss_fn(outputs, targets)``: ``forward_fn`` runs the BatchLoss (one
-    forward pass) and keeps its loss, ``loss_fn`` hands it back. The outputs and targets pass
-    through for the metrics; where the loss came without targets, a ``(n, 0)`` tensor stands in
-    for them so that the sample count stays the BatchLoss's own ``n``.
-
-    Example:
-        >>> pair = PairLoss(lambda model, batch: (model(batch).sum(), 3, None, None))
-        >>> outputs, targets = pair.forward_fn(nn.Identity(), torch.ones(3))
-        >>> pair.loss_fn(outputs, targets).item(), tuple(targets.shape)
-        (3.0, (3, 0))
-    """
-
-    def __init__(self, batch_loss: BatchLoss) -> None:
-        self.batch_loss = batch_loss
-        self._loss: torch.Tensor | None = None
-
-    def forward_fn(self, model: torch.nn.Module, batch: Any) -> tuple[Any, Any]:
-        """Run the BatchLoss; return its outputs and targets, keep its loss for :meth:`loss_fn`."""
-        loss, n, outputs, targets = self.batch_loss(model, batch)
-        self._loss = loss
-        if targets is None:
-            targets = torch.empty(n, 0, device=loss.device)
-        return outputs, targets
-
-    def loss_fn(self, outputs: Any, targets: Any) -> torch.Tensor:
-        """The loss of the batch :meth:`forward_fn` just ran (released here: it may hold the autograd graph)."""
-        loss, self._loss = self._loss, None
-        if loss is None:
-            raise RuntimeError("PairLoss.loss_fn was called before forward_fn; they come in pairs.")
-        return loss
 
 
 class ModeConnectivity(LandscapeCallback):
@@ -306,14 +268,12 @@ class ModeConnectivity(LandscapeCallback):
         with analysis_context(trainer, pl_module):
             evaluator, source = self.build_evaluator(trainer, pl_module, self.metrics, bn=self.bn)
             # The fit needs only the loss: no forward hook, no second forward for outputs.
-            fit_pair = PairLoss(module_batch_loss(pl_module, self.loss_fn, want_outputs=False)[0])
             curve = fit_curve(
                 pl_module,
                 pl_module,  # w₁: the module's weights now (the core copies them)
                 other,
                 evaluator.batches,
-                loss_fn=fit_pair.loss_fn,
-                forward_fn=fit_pair.forward_fn,
+                batch_loss=module_batch_loss(pl_module, self.loss_fn, want_outputs=False)[0],
                 **self.fit_options,
                 progress=progress,
                 on_step=self._step_logger(trainer),
@@ -330,13 +290,11 @@ class ModeConnectivity(LandscapeCallback):
         return result
 
     def _plane(self, pl_module: pl.LightningModule, curve: Curve, evaluator: Any, progress: bool | None) -> Landscape:
-        pair = PairLoss(evaluator.batch_loss)
         return curve_plane(
             pl_module,
             curve,
             evaluator.batches,  # already cached on the device: not copied again
-            loss_fn=pair.loss_fn,
-            forward_fn=pair.forward_fn,
+            batch_loss=evaluator.batch_loss,
             metrics=self.metrics,
             resolution=self.plane_resolution,
             margin=self.margin,

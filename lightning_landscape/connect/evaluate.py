@@ -22,7 +22,8 @@ from lightning_landscape._validation import as_coordinate_array, check_choice, c
 from lightning_landscape.batchnorm import BN_POLICIES
 from lightning_landscape.connect.curves import Curve
 from lightning_landscape.connect.fit import check_fit_options, fit_curve
-from lightning_landscape.data import ForwardFn, LossFn, make_batch_loss, model_device
+from lightning_landscape.data import BatchLoss, ForwardFn, LossFn, make_batch_loss, model_device
+from lightning_landscape.hessian.check import resolve_batch_loss
 from lightning_landscape.params import Plane, trainable_parameters, unflatten_vector
 from lightning_landscape.results import CurveResult, Landscape
 from lightning_landscape.state import preserved_state
@@ -342,9 +343,10 @@ def curve_plane(
     curve: Curve,
     data: Iterable[Any],
     *,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None = None,
     metrics: Any = None,
     forward_fn: ForwardFn | None = None,
+    batch_loss: BatchLoss | None = None,
     resolution: int = 21,
     margin: float = 0.2,
     bn: str = "recompute",
@@ -356,7 +358,8 @@ def curve_plane(
 
     The grid covers the three points and the curve's projection, with ``margin`` times their
     extent added on each side; each grid point w₁ + x·e₁ + y·e₂ is evaluated like a curve point
-    (``bn="recompute"`` by default). ``model`` is left exactly as it was.
+    (``bn="recompute"`` by default). ``model`` is left exactly as it was. The loss is ``loss_fn``
+    (with ``forward_fn``) or a ready :data:`~lightning_landscape.data.BatchLoss`.
 
     Returns:
         a 2-D :class:`~lightning_landscape.Landscape` (``kind`` ``"curve_plane"``) whose extras hold
@@ -380,6 +383,7 @@ def curve_plane(
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < np.inf:
         raise ValueError(f"`margin`={margin!r} is not valid; expected a finite number >= 0.")
     check_choice("bn", bn, BN_POLICIES)
+    loss = resolve_batch_loss(loss_fn, forward_fn, batch_loss)
     params = _curve_params(model, curve)
     basis = plane_basis(curve)
     curve_ts = np.linspace(0.0, 1.0, int(curve_points))
@@ -390,7 +394,7 @@ def curve_plane(
     grid = _plane_grid(np.vstack([basis.points, path]), int(resolution), float(margin))
     evaluator = GridEvaluator(
         data,
-        make_batch_loss(loss_fn, forward_fn),
+        loss,
         metrics=metrics,
         device=model_device(model),
         num_batches=num_batches,

@@ -28,8 +28,9 @@ from lightning_landscape._validation import (
     check_seed,
 )
 from lightning_landscape.connect.curves import Curve, check_curve
-from lightning_landscape.data import BatchLoss, ForwardFn, LossFn, cache_batches, make_batch_loss, model_device
+from lightning_landscape.data import BatchLoss, ForwardFn, LossFn, cache_batches, model_device
 from lightning_landscape.errors import LandscapeWarning
+from lightning_landscape.hessian.check import resolve_batch_loss
 from lightning_landscape.progress import track
 from lightning_landscape.state import preserved_state
 
@@ -106,8 +107,9 @@ def fit_curve(
     end: Any,
     data: Iterable[Any],
     *,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
+    batch_loss: BatchLoss | None = None,
     curve: str = "bezier",
     num_bends: int = 1,
     epochs: int = 10,
@@ -136,6 +138,8 @@ def fit_curve(
         data: an iterable of batches, read once and cached on the model's device; every epoch
             visits the cached batches in a new order drawn from the fit's generator.
         loss_fn, forward_fn: as in :func:`~lightning_landscape.loss_surface`.
+        batch_loss: instead of ``loss_fn``, a :data:`~lightning_landscape.data.BatchLoss` (e.g. a
+            LightningModule's own step, as the callbacks build it).
         curve: ``"bezier"`` or ``"polychain"``.
         num_bends: the number of trainable bends (>= 1).
         epochs: passes over the cached batches; one step per batch.
@@ -172,10 +176,11 @@ def fit_curve(
         num_batches=num_batches,
         on_step=on_step,
     )
+    loss = resolve_batch_loss(loss_fn, forward_fn, batch_loss)
     fitted = Curve.between(model, start, end, curve=curve, num_bends=num_bends)
     batches = cache_batches(data, model_device(model), num_batches)
     opt = _make_optimizer(optimizer, fitted.parameters(), float(lr), float(momentum), float(weight_decay))
-    runner = _BatchLossCall(model, make_batch_loss(loss_fn, forward_fn))
+    runner = _BatchLossCall(model, loss)
     fitted.history = _train_bends(runner, fitted, batches, opt, int(epochs), int(seed), progress, on_step)
     _warn_if_diverged(fitted.history, lr)
     fitted.settings = {
