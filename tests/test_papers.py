@@ -23,8 +23,13 @@ QUOTED = {
         "interpolation/*/max_train_loss",
     ],
     "skip_connections": ["models/*/test_error", "models/*/lambda_max", "models/*/ratio_map_mean"],
-    "swa": [],
-    "mode_connectivity": [],
+    "swa": ["test_error/*", "train_loss/*", "width/*", "distance_sgd_swa"],
+    "mode_connectivity": [
+        "curves/*/barrier_line",
+        "curves/*/barrier_curve",
+        "curves/*/max_test_error_curve",
+        "curves/*/max_test_error_line",
+    ],
     "basin_volume": [
         "normal/log_basin_volume",
         "poisoned/log_basin_volume",

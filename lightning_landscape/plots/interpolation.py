@@ -58,7 +58,7 @@ def plot_interpolation(landscape: Landscape, *, metric: str | None = None, title
         twin.set_ylabel(metric, color="tab:red")
         more = twin.get_legend_handles_labels()
         handles, names = handles + more[0], names + more[1]
-    ax.legend(handles, names, loc="upper center", fontsize=8, framealpha=0.8)
+    ax.legend(handles, names, loc="best", fontsize=8, framealpha=0.8)
     ax.set_title(title or "interpolation between two runs", pad=18)
     fig.tight_layout()
     return fig
