@@ -55,9 +55,7 @@ def resolve_batch_loss(loss_fn: LossFn | None, forward_fn: ForwardFn | None, bat
             )
         return check_callable("batch_loss", batch_loss, BATCH_LOSS_SIGNATURE, allow_none=False)
     if loss_fn is None:
-        raise ValueError(
-            "`loss_fn`=None and `batch_loss`=None; expected one of them to say which loss to use."
-        )
+        raise ValueError("`loss_fn`=None and `batch_loss`=None; expected one of them to say which loss to use.")
     return make_batch_loss(loss_fn, forward_fn)
 
 
