@@ -75,3 +75,21 @@ def test_heatmap_goes_logarithmic_when_the_loss_spans_decades():
     assert isinstance(plot_heatmap(_bowl()).axes[0].collections[0].norm, LogNorm)
     assert not isinstance(plot_heatmap(_bowl(spread=0.5)).axes[0].collections[0].norm, LogNorm)
     assert not isinstance(plot_heatmap(_bowl(), log_scale=False).axes[0].collections[0].norm, LogNorm)
+
+
+def test_vmin_vmax_fix_the_colour_scale_and_levels_even_inside_the_data():
+    """Several surfaces on one scale: the limits hold also where the data lie inside them."""
+    from lightning_landscape import plot_contour, plot_heatmap, plot_surface_3d
+    from lightning_landscape.results import Landscape
+
+    a = np.linspace(-1, 1, 7)
+    ls = Landscape(coords=[a, a], values={"loss": 1.0 + np.add.outer(a**2, a**2)})  # in [1, 3]
+    heat = plot_heatmap(ls, vmin=0.5, vmax=8.0, log_scale=True)
+    norm = heat.axes[0].collections[0].norm
+    assert (norm.vmin, norm.vmax) == (0.5, 8.0)
+    contour = plot_contour(ls, filled=True, levels=5, vmin=0.5, vmax=8.0)
+    np.testing.assert_allclose(contour.axes[0].collections[0].levels, np.geomspace(0.5, 8.0, 5))
+    lines = plot_contour(ls, levels=4, vmin=0.0, vmax=6.0)
+    np.testing.assert_allclose(lines.axes[0].collections[0].levels, np.linspace(0.0, 6.0, 4))
+    surface = plot_surface_3d(ls, vmin=1.5, vmax=2.5, log_scale=False)
+    assert surface.axes[0].get_zlim() == (1.5, 2.5)

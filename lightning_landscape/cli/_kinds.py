@@ -2,7 +2,8 @@
 
 One :class:`Kind` per ``result_kind`` written by :func:`~lightning_landscape.results.save_npz`, all in
 :data:`KINDS`; a new result kind is one more entry there. Figures come from the package's own figure
-functions; ``--vmin``/``--vmax`` reach a 2-D figure as a clipped copy of the landscape (see :func:`clipped`).
+functions; ``--vmin``/``--vmax`` fix a 2-D figure's colour scale and levels, drawn on a copy of the
+landscape clipped to them (see :func:`clipped`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class PlotOptions:
 def clipped(landscape: Landscape, value: str, vmin: float | None, vmax: float | None) -> Landscape:
     """A copy of ``landscape`` with ``values[value]`` clipped to [vmin, vmax] (NaN stays NaN).
 
-    The 2-D figure functions take no ``vmin``/``vmax``; on the clipped copy their colour scale and
+    The figure functions fix their colour scale to ``vmin``/``vmax``; on the clipped copy the
     contour levels end at the limits wherever the values reach past them (colours saturate there,
     as matplotlib's own vmin/vmax do). The saved result is never changed.
 
@@ -144,7 +145,8 @@ def landscape_figures(ls: Landscape, opts: PlotOptions) -> dict[str, Figure]:
         return _curve_figures(ls, opts)
     value = opts.metric or "loss"
     view = clipped(ls, value, opts.vmin, opts.vmax)
-    common = {"levels": opts.levels, "log_scale": opts.log, "value": value}
+    limits = {"vmin": opts.vmin, "vmax": opts.vmax}
+    common = {"levels": opts.levels, "log_scale": opts.log, "value": value, **limits}
     analysis = ls.metadata.get("kind")
     if analysis == "trajectory" and "path" in ls.extras:
         epochs = np.asarray(ls.extras.get("epochs", np.zeros(len(ls.extras["path"]))))
@@ -166,8 +168,8 @@ def landscape_figures(ls: Landscape, opts: PlotOptions) -> dict[str, Figure]:
     figures.update(
         contour=plot_contour(view, **common),
         contour_filled=plot_contour(view, filled=True, **common),
-        heatmap=plot_heatmap(view, log_scale=opts.log, value=value),
-        surface_3d=plot_surface_3d(view, log_scale=opts.log, value=value),
+        heatmap=plot_heatmap(view, log_scale=opts.log, value=value, **limits),
+        surface_3d=plot_surface_3d(view, log_scale=opts.log, value=value, **limits),
     )
     return figures
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import Formatter, MaxNLocator
 
@@ -66,16 +67,22 @@ def check_dims(landscape: Landscape, dims: int, what: str) -> None:
         raise ValueError(f"`landscape` has {landscape.dims} dimension(s); {what} needs a {dims}-D landscape.")
 
 
-def contour_levels(values: np.ma.MaskedArray, levels: int) -> np.ndarray | int:
-    """``levels`` contour levels over the finite values: log-spaced when all are > 0.
+def contour_levels(
+    values: np.ma.MaskedArray, levels: int, vmin: float | None = None, vmax: float | None = None
+) -> np.ndarray | int:
+    """``levels`` contour levels over the finite values (or over [``vmin``, ``vmax``] where given):
+    log-spaced when all are > 0.
 
     Example:
         >>> contour_levels(masked(np.array([1.0, 100.0])), 3).tolist()
         [1.0, 10.0, 100.0]
+        >>> contour_levels(masked(np.array([1.0, 2.0])), 3, vmax=100.0).tolist()
+        [1.0, 10.0, 100.0]
     """
-    if values.count() == 0:
+    if values.count() == 0 and (vmin is None or vmax is None):
         return levels
-    lo, hi = float(values.min()), float(values.max())
+    lo = float(values.min()) if vmin is None else float(vmin)
+    hi = float(values.max()) if vmax is None else float(vmax)
     if lo == hi:
         return np.array([lo, lo + max(abs(lo), 1.0) * 1e-6])
     # Losses grow fast away from a minimum: log-spaced levels keep detail in the basin,
@@ -89,6 +96,18 @@ AUTO_LOG_DECADES = 2.0
 MAX_CONTOUR_LABELS = 6
 #: Ticks per axis of a 3-D plot: more run into each other at the usual figure sizes.
 MAX_3D_TICKS = 4
+
+
+def color_norm(log_scale: bool, vmin: float | None = None, vmax: float | None = None) -> Normalize:
+    """The colour scale of a 2-D figure: logarithmic or linear, fixed to ``vmin``/``vmax`` where given
+    (the data's own range otherwise), so several figures can share one scale.
+
+    Example:
+        >>> norm = color_norm(True, vmin=0.1, vmax=10.0)
+        >>> type(norm).__name__, norm.vmin, norm.vmax
+        ('LogNorm', 0.1, 10.0)
+    """
+    return LogNorm(vmin=vmin, vmax=vmax) if log_scale else Normalize(vmin=vmin, vmax=vmax)
 
 
 def resolve_log_scale(values: np.ndarray, log_scale: bool | None) -> bool:

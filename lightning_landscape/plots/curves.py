@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from lightning_landscape.plots._figure import (
     DistinctFormatter,
     axis_labels,
     check_dims,
+    color_norm,
     contour_levels,
     limit_ticks,
     masked,
@@ -96,6 +96,8 @@ def plot_curve_plane(
     filled: bool = True,
     levels: int = 30,
     log_scale: bool | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
     value: str = "loss",
     title: str | None = None,
 ) -> Figure:
@@ -107,6 +109,7 @@ def plot_curve_plane(
         filled: filled contours with a colour bar; ``False`` draws labelled contour lines.
         levels: number of contour levels (log-spaced where every value is > 0).
         log_scale: a logarithmic colour scale; ``None`` chooses it when the values span more than two decades.
+        vmin, vmax: the colour scale and the levels span [vmin, vmax] instead of the data's range.
         value: which entry of ``landscape.values`` to draw.
 
     Example:
@@ -123,8 +126,8 @@ def plot_curve_plane(
     x, y = landscape.coords
     log_scale = resolve_log_scale(landscape.values[value], log_scale)
     z = masked(landscape.values[value], log_scale).T  # matplotlib wants z[row=y, col=x]
-    lv = contour_levels(z, levels)
-    norm = LogNorm() if log_scale else None
+    lv = contour_levels(z, levels, vmin, vmax)
+    norm = color_norm(log_scale, vmin, vmax)
     if filled:
         cs = ax.contourf(x, y, z, levels=lv, cmap="viridis", norm=norm)
         fig.colorbar(cs, ax=ax, label=value).ax.yaxis.set_major_formatter(DistinctFormatter())

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from lightning_landscape.plots._figure import (
@@ -13,6 +12,7 @@ from lightning_landscape.plots._figure import (
     DistinctFormatter,
     axis_labels,
     check_dims,
+    color_norm,
     contour_levels,
     distinct_labels,
     limit_ticks,
@@ -69,6 +69,8 @@ def plot_contour(
     path: np.ndarray | None = None,
     path_markers: np.ndarray | None = None,
     title: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
 ) -> Figure:
     """A 2-D landscape as contour lines (or filled contours), optionally with a path on top.
 
@@ -83,6 +85,8 @@ def plot_contour(
         path: ``(K, 2)`` coordinates of an optimization path to draw on the plane;
             its first point is marked as the start and its last as the end.
         path_markers: indices into ``path`` to mark (e.g. one per epoch).
+        vmin, vmax: the colour scale and the levels span [vmin, vmax] instead of the data's range
+            (e.g. one scale for several surfaces).
 
     Example:
         >>> a = np.linspace(-1, 1, 5)
@@ -98,8 +102,8 @@ def plot_contour(
     x, y = landscape.coords
     log_scale = resolve_log_scale(landscape.values[value], log_scale)
     z = masked(landscape.values[value], log_scale).T  # matplotlib wants z[row=y, col=x]
-    lv = contour_levels(z, levels)
-    norm = LogNorm() if log_scale else None
+    lv = contour_levels(z, levels, vmin, vmax)
+    norm = color_norm(log_scale, vmin, vmax)
     if filled:
         cs = ax.contourf(x, y, z, levels=lv, cmap="viridis", norm=norm)
         fig.colorbar(cs, ax=ax, label=value).ax.yaxis.set_major_formatter(DistinctFormatter())
@@ -148,10 +152,17 @@ def label_contours(ax: Any, cs: Any) -> None:
 
 
 def plot_heatmap(
-    landscape: Landscape, *, log_scale: bool | None = None, value: str = "loss", title: str | None = None
+    landscape: Landscape,
+    *,
+    log_scale: bool | None = None,
+    value: str = "loss",
+    title: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
 ) -> Figure:
     """A 2-D landscape as a heat map (NaN points left blank), on a log colour scale when the values
-    span more than two decades (``log_scale=None``), so the basin is not one dark block.
+    span more than two decades (``log_scale=None``), so the basin is not one dark block; the colour
+    scale spans [``vmin``, ``vmax``] where given.
 
     Example:
         >>> a = np.linspace(-1, 1, 4)
@@ -164,7 +175,7 @@ def plot_heatmap(
     x, y = landscape.coords
     log_scale = resolve_log_scale(landscape.values[value], log_scale)
     z = masked(landscape.values[value], log_scale).T
-    mesh = ax.pcolormesh(x, y, z, shading="nearest", cmap="viridis", norm=LogNorm() if log_scale else None)
+    mesh = ax.pcolormesh(x, y, z, shading="nearest", cmap="viridis", norm=color_norm(log_scale, vmin, vmax))
     fig.colorbar(mesh, ax=ax, label=value).ax.yaxis.set_major_formatter(DistinctFormatter())
     limit_ticks(ax)
     xl, yl = axis_labels(landscape)
@@ -176,10 +187,17 @@ def plot_heatmap(
 
 
 def plot_surface_3d(
-    landscape: Landscape, *, log_scale: bool | None = None, value: str = "loss", title: str | None = None
+    landscape: Landscape,
+    *,
+    log_scale: bool | None = None,
+    value: str = "loss",
+    title: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
 ) -> Figure:
     """A 2-D landscape as a 3-D surface (``log10`` of the value on a log scale; ``None``: when the
-    values span more than two decades), with a few distinct ticks per axis.
+    values span more than two decades), with a few distinct ticks per axis; the value axis and
+    colours span [``vmin``, ``vmax``] where given (values beyond are drawn at the limit).
 
     Example:
         >>> a = np.linspace(-1, 1, 4)
@@ -193,10 +211,16 @@ def plot_surface_3d(
     X, Y = np.meshgrid(x, y, indexing="ij")
     log_scale = resolve_log_scale(landscape.values[value], log_scale)
     z = masked(landscape.values[value], log_scale)
+    if vmin is not None or vmax is not None:
+        z = np.ma.clip(z, vmin, vmax)  # a surface beyond the axis limits would be drawn outside the box
+    lo, hi = vmin, vmax
     if log_scale:
         z = np.ma.log10(z)
+        lo, hi = (None if lo is None else np.log10(lo)), (None if hi is None else np.log10(hi))
     # plot_surface does not honour masks: NaN leaves holes, which is what we want.
-    ax.plot_surface(X, Y, z.filled(np.nan), cmap="viridis", linewidth=0, antialiased=True)
+    ax.plot_surface(X, Y, z.filled(np.nan), cmap="viridis", linewidth=0, antialiased=True, vmin=lo, vmax=hi)
+    if lo is not None or hi is not None:
+        ax.set_zlim(lo, hi)
     xl, yl = axis_labels(landscape)
     thin_3d_ticks(ax)
     # Padding keeps the axis labels clear of the tick labels, which 3-D axes draw close by.
