@@ -63,3 +63,11 @@ def spawned(trainer: pl.Trainer) -> bool:
     from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
     return isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and trainer.world_size > 1
+
+
+def swa_average_model(swa: Any) -> torch.nn.Module | None:
+    """The running average a ``StochasticWeightAveraging`` callback keeps (``None`` before it starts).
+
+    Internal: ``StochasticWeightAveraging._average_model``; no public API exposes the average.
+    """
+    return getattr(swa, "_average_model", None)

@@ -137,11 +137,6 @@ def find_swa(trainer: pl.Trainer, owner: str) -> StochasticWeightAveraging:
     return found[0]
 
 
-def averaged_module(swa: StochasticWeightAveraging) -> torch.nn.Module | None:
-    """SWA's running average of the module. Internal: ``_average_model``; no public API exposes it."""
-    return getattr(swa, "_average_model", None)
-
-
 class SWAComparison(LandscapeCallback):
     """At fit end: the last SGD weights against the SWA average, along the line and random directions.
 
@@ -315,7 +310,7 @@ class SWAComparison(LandscapeCallback):
     def check_swapped(self, pl_module: pl.LightningModule) -> None:
         """Raise ``RuntimeError`` unless the SGD weights were kept and the module now holds SWA's average."""
         swa = self._swa
-        average = averaged_module(swa) if swa is not None else None
+        average = _lightning.swa_average_model(swa) if swa is not None else None
         if self.sgd_state is None or average is None:
             raise RuntimeError(
                 f"{type(self).__name__}: the fit ended before StochasticWeightAveraging's last SGD epoch "
