@@ -24,7 +24,7 @@ def analyse(net, dm, args, out, name: str, epochs: int, resolution: int) -> dict
         span=1.0,
         num_batches=1 if args.quick else 4,
         ratio_map=True,
-        ratio_resolution=2 if args.quick else 5,
+        ratio_resolution=2 if args.quick else 3,
         dirpath=str(out / name),
         interactive=False,
         progress=False,
