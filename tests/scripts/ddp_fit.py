@@ -173,4 +173,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # A process group left to the interpreter's teardown can abort it ("terminate called without
+        # an active exception") after all the work is done; close it as torch's docs ask.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
