@@ -8,17 +8,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lightning_landscape.plots._figure import (
-    DistinctFormatter,
     axis_labels,
     check_dims,
-    color_norm,
-    contour_levels,
-    limit_ticks,
     masked,
     new_figure,
-    resolve_log_scale,
 )
-from lightning_landscape.plots.landscape import label_contours
+from lightning_landscape.plots.landscape import draw_contours
 from lightning_landscape.results import CurveResult, Landscape
 
 #: How each path is drawn: the fitted curve solid, the straight line dashed.
@@ -123,19 +118,8 @@ def plot_curve_plane(
     _check_plane(landscape, value)
     fig = new_figure(figsize=(6.0, 4.8))
     ax = fig.add_subplot()
-    x, y = landscape.coords
-    log_scale = resolve_log_scale(landscape.values[value], log_scale)
-    z = masked(landscape.values[value], log_scale).T  # matplotlib wants z[row=y, col=x]
-    lv = contour_levels(z, levels, vmin, vmax)
-    norm = color_norm(log_scale, vmin, vmax)
-    if filled:
-        cs = ax.contourf(x, y, z, levels=lv, cmap="viridis", norm=norm)
-        fig.colorbar(cs, ax=ax, label=value).ax.yaxis.set_major_formatter(DistinctFormatter())
-    else:
-        cs = ax.contour(x, y, z, levels=lv, cmap="viridis", norm=norm, linewidths=0.9)
-        label_contours(ax, cs)
+    draw_contours(fig, ax, landscape, value, filled=filled, levels=levels, log_scale=log_scale, vmin=vmin, vmax=vmax)
     _draw_points(ax, landscape)
-    limit_ticks(ax)
     xl, yl = axis_labels(landscape)
     ax.set_xlabel(xl)
     ax.set_ylabel(yl)

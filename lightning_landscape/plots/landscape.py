@@ -99,18 +99,7 @@ def plot_contour(
         raise ValueError(f"`value`={value!r} is not in the landscape; accepted: {sorted(landscape.values)}.")
     fig = new_figure()
     ax = fig.add_subplot()
-    x, y = landscape.coords
-    log_scale = resolve_log_scale(landscape.values[value], log_scale)
-    z = masked(landscape.values[value], log_scale).T  # matplotlib wants z[row=y, col=x]
-    lv = contour_levels(z, levels, vmin, vmax)
-    norm = color_norm(log_scale, vmin, vmax)
-    if filled:
-        cs = ax.contourf(x, y, z, levels=lv, cmap="viridis", norm=norm)
-        fig.colorbar(cs, ax=ax, label=value).ax.yaxis.set_major_formatter(DistinctFormatter())
-    else:
-        cs = ax.contour(x, y, z, levels=lv, cmap="viridis", norm=norm, linewidths=0.9)
-        label_contours(ax, cs)
-    limit_ticks(ax)
+    draw_contours(fig, ax, landscape, value, filled=filled, levels=levels, log_scale=log_scale, vmin=vmin, vmax=vmax)
     if path is not None:
         path = np.asarray(path, dtype=np.float64)
         ax.plot(path[:, 0], path[:, 1], color="tab:red", lw=1.2, marker=".", ms=3, label="path")
@@ -128,6 +117,38 @@ def plot_contour(
     ax.set_title(title or (f"{value} (filled contours)" if filled else f"{value} contours"))
     fig.tight_layout()
     return fig
+
+
+def draw_contours(
+    fig: Figure,
+    ax: Any,
+    landscape: Landscape,
+    value: str,
+    *,
+    filled: bool,
+    levels: int,
+    log_scale: bool | None,
+    vmin: float | None,
+    vmax: float | None,
+) -> None:
+    """Contour lines (labelled) or filled contours (with a colour bar) of ``landscape.values[value]`` on ``ax``.
+
+    The part every plane figure shares (:func:`plot_contour`, the curve plane): levels over the
+    values or [``vmin``, ``vmax``], log-spaced where they are all > 0, a log colour scale when asked
+    or (``log_scale=None``) when the values span more than two decades, at most six ticks per axis.
+    """
+    x, y = landscape.coords
+    log_scale = resolve_log_scale(landscape.values[value], log_scale)
+    z = masked(landscape.values[value], log_scale).T  # matplotlib wants z[row=y, col=x]
+    lv = contour_levels(z, levels, vmin, vmax)
+    norm = color_norm(log_scale, vmin, vmax)
+    if filled:
+        cs = ax.contourf(x, y, z, levels=lv, cmap="viridis", norm=norm)
+        fig.colorbar(cs, ax=ax, label=value).ax.yaxis.set_major_formatter(DistinctFormatter())
+    else:
+        cs = ax.contour(x, y, z, levels=lv, cmap="viridis", norm=norm, linewidths=0.9)
+        label_contours(ax, cs)
+    limit_ticks(ax)
 
 
 def label_contours(ax: Any, cs: Any) -> None:
