@@ -22,7 +22,7 @@ from lightning_landscape._validation import as_coordinate_array, check_choice, c
 from lightning_landscape.batchnorm import BN_POLICIES
 from lightning_landscape.connect.curves import Curve
 from lightning_landscape.connect.fit import check_fit_options, fit_curve
-from lightning_landscape.data import BatchLoss, ForwardFn, LossFn, make_batch_loss, model_device
+from lightning_landscape.data import BatchLoss, ForwardFn, LossFn, Reduce, make_batch_loss, model_device
 from lightning_landscape.hessian.check import resolve_batch_loss
 from lightning_landscape.params import Plane, trainable_parameters, unflatten_vector
 from lightning_landscape.results import CurveResult, Landscape
@@ -124,6 +124,7 @@ def evaluate_curve(
     bn: str = "recompute",
     num_batches: int | None = None,
     progress: bool | None = None,
+    reduce: Reduce | None = None,
 ) -> CurveResult:
     """Loss and metrics along a curve and along the straight line between its end points, at the same t.
 
@@ -138,6 +139,9 @@ def evaluate_curve(
         data, loss_fn, metrics, forward_fn, num_batches, progress: as in :func:`~lightning_landscape.loss_surface`.
         ts: increasing curve parameters from 0 to 1, both included (or a number of evenly spaced ones).
         bn: ``"recompute"`` or ``"eval"``.
+        reduce: under ``torch.distributed``, a function summing a tensor over all processes, each
+            passing its own shard of the data: the values are those of all shards together (see
+            :class:`~lightning_landscape.GridEvaluator`).
 
     Returns:
         a :class:`~lightning_landscape.results.CurveResult` with both barriers,
@@ -161,6 +165,7 @@ def evaluate_curve(
         device=model_device(model),
         num_batches=num_batches,
         bn=bn,
+        reduce=reduce,
     )
     return curve_result_from_evaluator(model, curve, evaluator, ts, progress=progress)
 
@@ -353,13 +358,16 @@ def curve_plane(
     num_batches: int | None = None,
     curve_points: int = 61,
     progress: bool | None = None,
+    reduce: Reduce | None = None,
 ) -> Landscape:
     """The loss over Garipov's plane through w₁, the bend and w₂ (see :func:`plane_basis`).
 
     The grid covers the three points and the curve's projection, with ``margin`` times their
     extent added on each side; each grid point w₁ + x·e₁ + y·e₂ is evaluated like a curve point
     (``bn="recompute"`` by default). ``model`` is left exactly as it was. The loss is ``loss_fn``
-    (with ``forward_fn``) or a ready :data:`~lightning_landscape.data.BatchLoss`.
+    (with ``forward_fn``) or a ready :data:`~lightning_landscape.data.BatchLoss`. Under
+    ``torch.distributed`` each process passes its own shard of ``data`` and ``reduce`` (a sum over all
+    processes, as for :class:`~lightning_landscape.GridEvaluator`).
 
     Returns:
         a 2-D :class:`~lightning_landscape.Landscape` (``kind`` ``"curve_plane"``) whose extras hold
@@ -399,6 +407,7 @@ def curve_plane(
         device=model_device(model),
         num_batches=num_batches,
         bn=bn,
+        reduce=reduce,
     )
     meta = {
         "kind": "curve_plane",

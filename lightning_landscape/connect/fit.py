@@ -28,7 +28,7 @@ from lightning_landscape._validation import (
     check_seed,
 )
 from lightning_landscape.connect.curves import Curve, check_curve
-from lightning_landscape.data import BatchLoss, ForwardFn, LossFn, cache_batches, model_device
+from lightning_landscape.data import BatchLoss, ForwardFn, LossFn, Reduce, cache_batches, model_device
 from lightning_landscape.errors import LandscapeWarning
 from lightning_landscape.hessian.check import resolve_batch_loss
 from lightning_landscape.progress import track
@@ -121,6 +121,7 @@ def fit_curve(
     num_batches: int | None = None,
     progress: bool | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    reduce: Reduce | None = None,
 ) -> Curve:
     """Train the bends of a curve from ``start`` to ``end`` so that the loss stays low all along it.
 
@@ -149,6 +150,10 @@ def fit_curve(
         num_batches: use at most this many batches of ``data``.
         progress: a bar (True; None on a terminal), log lines (None off a terminal), nothing (False).
         on_step: ``on_step(step, loss)`` after each step, with the step's batch loss.
+        reduce: under ``torch.distributed``, a function summing a tensor over all processes (each
+            passing its own shard of ``data``, the same number of batches): every step averages the
+            bends' gradients and the loss over the processes, as DDP does, so every process takes
+            the same steps and ends with the same curve. The draws of t are the same everywhere.
 
     Returns:
         the fitted :class:`Curve`; ``history`` holds the loss of every step, ``settings`` the options.
@@ -181,7 +186,8 @@ def fit_curve(
     batches = cache_batches(data, model_device(model), num_batches)
     opt = _make_optimizer(optimizer, fitted.parameters(), float(lr), float(momentum), float(weight_decay))
     runner = _BatchLossCall(model, loss)
-    fitted.history = _train_bends(runner, fitted, batches, opt, int(epochs), int(seed), progress, on_step)
+    sync = None if reduce is None else _StepAverage(reduce, len(batches), model_device(model))
+    fitted.history = _train_bends(runner, fitted, batches, opt, int(epochs), int(seed), progress, on_step, sync)
     _warn_if_diverged(fitted.history, lr)
     fitted.settings = {
         "curve": fitted.kind,
@@ -206,6 +212,7 @@ def _train_bends(
     seed: int,
     progress: bool | None,
     on_step: Callable[[int, float], None] | None,
+    sync: _StepAverage | None = None,
 ) -> list[float]:
     """The fit's loop, inside the model's guard; returns the loss of every step."""
     model = runner.model
@@ -229,6 +236,8 @@ def _train_bends(
             loss = functional_call(runner, weights, (batches[index],))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if sync is not None:
+                loss = sync(curve.parameters(), loss)
             opt.step()
             losses.append(loss.detach())
             if on_step is not None:
@@ -236,6 +245,35 @@ def _train_bends(
     for p in curve.parameters():
         p.grad = None
     return torch.stack(losses).double().cpu().tolist()
+
+
+class _StepAverage:
+    """The bends' gradients and the step's loss averaged over the processes: one all-reduce per step."""
+
+    def __init__(self, reduce: Reduce, num_batches: int, device: torch.device) -> None:
+        self.reduce = reduce
+        # Every process must take the same number of steps, or one waits forever in a collective:
+        # the sum of n and of n² tell every process alike whether all n are equal.
+        n = float(num_batches)
+        total, squares, world = reduce(torch.tensor([n, n * n, 1.0], dtype=torch.float64, device=device)).tolist()
+        if squares * world != total * total:
+            raise ValueError(
+                f"the processes hold different numbers of batches ({num_batches} here, {total / world:g} on "
+                "average); expected the same number on every process (a DistributedSampler gives it)."
+            )
+        self.world = world
+
+    def __call__(self, params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+        # Bends that do not shape φ(t) (a polychain's other segments) have no gradient; t is the same on
+        # every process, so the same ones are missing everywhere and the flat vectors line up.
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
+        flat = self.reduce(flat) / self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return flat[-1]
 
 
 def _warn_if_diverged(history: list[float], lr: float) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from lightning_landscape import _versions
 from lightning_landscape._validation import as_coordinate_array
 from lightning_landscape.checkpoints import WeightSource, read_state_dict
-from lightning_landscape.data import ForwardFn, LossFn, make_batch_loss, model_device
+from lightning_landscape.data import ForwardFn, LossFn, Reduce, make_batch_loss, model_device
 from lightning_landscape.results import Landscape
 from lightning_landscape.state import preserved_state
 from lightning_landscape.surface.evaluator import GridEvaluator
@@ -79,6 +79,7 @@ def interpolate(
     progress: bool | None = None,
     metadata: dict[str, Any] | None = None,
     bn: str = "eval",
+    reduce: Reduce | None = None,
 ) -> Landscape:
     """Loss along θ(α) = (1−α)·θ_start + α·θ_end (Goodfellow et al. 2015).
 
@@ -95,6 +96,9 @@ def interpolate(
         data, loss_fn, metrics, forward_fn, num_batches, progress, metadata, bn: as in
             :func:`loss_surface`. Interpolated BatchNorm statistics are not those of the
             interpolated weights: ``bn="recompute"`` recomputes them at every α.
+        reduce: under ``torch.distributed``, a function summing a tensor over all processes, each
+            passing its own shard of the data: the values are those of all shards together (see
+            :class:`~lightning_landscape.GridEvaluator`).
 
     Example:
         >>> a, b = nn.Linear(2, 1), nn.Linear(2, 1)
@@ -111,5 +115,6 @@ def interpolate(
         device=model_device(model),
         num_batches=num_batches,
         bn=bn,
+        reduce=reduce,
     )
     return interpolation_from_evaluator(model, evaluator, start, end, alphas, progress=progress, metadata=metadata)

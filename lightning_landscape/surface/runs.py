@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_landscape._validation import as_coordinate_array
 from lightning_landscape.checkpoints import WeightSource, load_weights
-from lightning_landscape.data import ForwardFn, LossFn, make_batch_loss, model_device
+from lightning_landscape.data import ForwardFn, LossFn, Reduce, make_batch_loss, model_device
 from lightning_landscape.results import Landscape
 from lightning_landscape.surface.evaluator import GridEvaluator
 from lightning_landscape.surface.path import interpolation_from_evaluator
@@ -37,6 +37,7 @@ def interpolate_runs(
     bn: str = "eval",
     labels: tuple[str, str] = ("start", "end"),
     progress: bool | None = None,
+    reduce: Reduce | None = None,
 ) -> Landscape:
     """Loss and metrics of two runs' weights and the line between and beyond them, on train and val data.
 
@@ -47,7 +48,9 @@ def interpolate_runs(
     networks need between two runs). The values on ``val_data`` are stored with the prefix ``val_``
     (``val_loss``, ``val_accuracy``; with ``bn="recompute"`` evaluated with the statistics recomputed
     from ``data``, the training data, as for the train values); draw them with
-    :func:`~lightning_landscape.plot_interpolation`.
+    :func:`~lightning_landscape.plot_interpolation`. Under ``torch.distributed`` each process passes
+    its own shards of ``data`` and ``val_data`` and ``reduce`` (a sum over all processes, as for
+    :class:`~lightning_landscape.GridEvaluator`); every process gets the values of all shards.
 
     Example:
         >>> a, b = nn.Linear(2, 1), nn.Linear(2, 1)
@@ -76,6 +79,7 @@ def interpolate_runs(
             num_batches=num_batches,
             bn=bn,
             bn_batches=train_batches,
+            reduce=reduce,
         )
         train_batches = evaluator.batches if train_batches is None else train_batches
         line = interpolation_from_evaluator(
