@@ -33,6 +33,7 @@ from .conftest import ROOT
 MODEL = ["--model", "examples.digits.DigitsClassifier", "--model.channels", "2"]
 DATA = ["--data", "examples.digits.DigitsDataModule", "--data.init_args.num_train", "96"]
 ON_CPU = ["--accelerator", "cpu", "--devices", "1"]
+ON_TWO = ["--accelerator", "cpu", "--devices", "2"]
 LIGHT = (
     "import sys; from lightning_landscape.cli import main; files = sys.argv[1:]; "
     "main(['plot', *files, '-o', 'light']); main(['compare', *files, '-o', 'light']); main(['inspect', files[0]]); "
@@ -174,6 +175,39 @@ def runs(results, checkpoints, tmp_path_factory):
             "eval",
             "-o",
             "conn",
+        ],
+        # Two processes (gloo), each on its half of the 96 digits (48: two batches of 24).
+        "interpolate_ddp": [
+            "interpolate",
+            a,
+            b,
+            *MODEL,
+            *DATA,
+            *ON_TWO,
+            "--metrics",
+            "accuracy",
+            "--alphas",
+            "-0.5,1.5,9",
+            "-o",
+            "interp2",
+        ],
+        "connect_ddp": [
+            "connect",
+            a,
+            b,
+            *MODEL,
+            *DATA,
+            *ON_TWO,
+            "--data.init_args.batch_size",
+            "24",
+            "--epochs",
+            "1",
+            "--points",
+            "3",
+            "--bn",
+            "eval",
+            "-o",
+            "conn2",
         ],
         "inspect": ["inspect", str(res / "surface.npz"), "--json"],
         "help": ["connect", "--help"],
@@ -342,6 +376,54 @@ def test_connect_fits_and_evaluates_a_curve_between_checkpoints(runs, checkpoint
     }
 
 
+def test_interpolate_on_two_processes_gives_the_values_of_one(runs):
+    cwd, _ = _ok(runs, "interpolate_ddp")
+    one, two = (Landscape.load(cwd / d / "interpolation.npz") for d in ("interp", "interp2"))
+    assert sorted(two.values) == sorted(one.values) == ["accuracy", "loss", "val_accuracy", "val_loss"]
+    for name in one.values:
+        np.testing.assert_allclose(two.values[name], one.values[name], rtol=1e-5, err_msg=name)
+    assert (two.metadata["processes"], one.metadata["processes"]) == (2, 1)
+    assert two.metadata["num_samples"] == one.metadata["num_samples"] == 96  # each sample once, none twice
+
+
+def _ddp_first_step_loss(ckpt_a: Path, ckpt_b: Path, batch_size: int, seed: int = 0) -> float:
+    """The curve fit's first loss under two processes, by hand: t and the batch drawn as the fit draws
+    them, each rank's batch from its DistributedSampler shard (shuffled with seed 0), the two batch
+    losses in train mode at the line's point θ(t) (the bends start on it) averaged."""
+    dm = DigitsDataModule(num_train=96, batch_size=batch_size)
+    dm.setup("fit")
+    x, y = dm.train_set.tensors
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(seed)
+    index = int(torch.randperm(48 // batch_size, generator=generator)[0])
+    t = float(torch.rand((), generator=generator, dtype=torch.float64))
+    a, b = _model_from(ckpt_a), _model_from(ckpt_b)
+    with torch.no_grad():
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            pa.copy_((1 - t) * pa + t * pb)
+    a.train()
+    losses = []
+    for rank in range(2):
+        idx = order[rank::2][index * batch_size : (index + 1) * batch_size]
+        losses.append(float(F.cross_entropy(a(x[idx]), y[idx])))
+    return sum(losses) / 2
+
+
+def test_connect_on_two_processes_averages_their_losses_and_evaluates_each_sample_once(runs, checkpoints):
+    cwd, _ = _ok(runs, "connect_ddp")
+    result = CurveResult.load(cwd / "conn2" / "curve.npz")
+    assert result.history.size == 2  # one epoch of 48 samples per process, batches of 24
+    assert result.history[0] == pytest.approx(
+        _ddp_first_step_loss(checkpoints / "a.ckpt", checkpoints / "b.ckpt", 24), rel=1e-5
+    )
+    dm = DigitsDataModule(num_train=96)
+    dm.setup("fit")
+    for i, name in ((0, "a"), (-1, "b")):  # the end points' losses over all 96 samples (bn=eval)
+        own = eval_loss(_model_from(checkpoints / f"{name}.ckpt"), dm.train_dataloader())
+        assert result.curve["loss"][i] == pytest.approx(own, rel=1e-5) == result.line["loss"][i]
+    assert result.metadata["processes"] == 2
+
+
 def test_inspect_json_round_trips_the_metadata(runs, results):
     _, stdout = _ok(runs, "inspect")
     res, _ = results
@@ -418,7 +500,8 @@ def test_bad_arguments_exit_2_with_a_message_naming_the_argument(results, checkp
     _bad(capsys, [*runs, *MODEL, "--alphas", "0.2,0.8,5"], "--alphas", "[0, 1]")
     _bad(capsys, [*runs, *MODEL, "--metrics", "acurracy"], "--metrics", "'acurracy'")
     _bad(capsys, [*runs, *MODEL, "--bn", "train"], "--bn='train'", "'recompute'")
-    _bad(capsys, [*runs, *MODEL, "--devices", "2"], "--devices", "one device")
+    _bad(capsys, [*runs, *MODEL, "--devices", "0"], "--devices='0'", ">= 1")
+    _bad(capsys, [*runs, *MODEL, "--devices", "x"], "--devices='x'")
     _bad(capsys, [*runs, *MODEL, "-o", str(tmp_path / "file" / "sub")], "-o/--output")
     _bad(capsys, ["interpolate", a, b, *MODEL, *ON_CPU], "--data")
     _bad(capsys, ["connect", a, b, *MODEL, *DATA, *ON_CPU, "--num-bends", "0"], "--num-bends=0")

@@ -116,7 +116,13 @@ def _two_runs(p: ArgumentParser, bn_default: str) -> None:
     p.add_argument("--num-batches", type=int | None, default=None, help="use at most this many batches of each loader")
     p.add_argument("-o", "--output", type=str, default=".", help="directory of the results (created)")
     p.add_argument("--accelerator", type=str, default="auto", help="as pl.Trainer's accelerator (cpu, gpu, auto)")
-    p.add_argument("--devices", type=str, default="1", help="as pl.Trainer's devices; must select one device")
+    p.add_argument(
+        "--devices",
+        type=str,
+        default="1",
+        help="as pl.Trainer's devices; more than one runs under DDP (one process per device, each on its shard "
+        "of the data; --num-batches is per process)",
+    )
     p.add_argument("--format", type=str, default="png", help=_FORMAT_HELP)
 
 

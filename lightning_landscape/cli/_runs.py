@@ -3,14 +3,14 @@ the line between them (Goodfellow et al. 2015) or joined by a trained curve (Gar
 
 The model and datamodule come from class paths, as in LightningCLI; the loss is the module's own
 (``landscape_step`` or ``training_step``, see :func:`~lightning_landscape.callbacks._module_loss.module_batch_loss`),
-evaluated on one device chosen the Lightning way (``--accelerator``, ``--devices``).
+evaluated on the devices chosen the Lightning way (``--accelerator``, ``--devices``): on one, or under
+DDP with one process per device, each evaluating its shard of the data (see :mod:`._launch`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import pickle
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,6 +25,7 @@ from lightning_landscape.callbacks._module_loss import module_batch_loss
 from lightning_landscape.checkpoints import load_weights
 from lightning_landscape.cli._errors import CLIError
 from lightning_landscape.cli._kinds import interpolation_scalars
+from lightning_landscape.cli._launch import Processes
 from lightning_landscape.cli._options import (
     check_float,
     check_int,
@@ -38,41 +39,6 @@ from lightning_landscape.data import LossFn
 
 #: ``make(flag)``: the instantiated ``--model`` or ``--data`` (a usage error naming the flag when it fails).
 Maker = Callable[[str], Any]
-
-
-def resolve_device(accelerator: str, devices: str | int) -> torch.device:
-    """The one device ``pl.Trainer(accelerator=..., devices=...)`` would run on; more than one is a usage error.
-
-    Example:
-        >>> resolve_device("cpu", "1")
-        device(type='cpu')
-    """
-    import pytorch_lightning as pl
-
-    count = int(devices) if str(devices).isdigit() else devices
-    flags = f"--accelerator={accelerator!r} --devices={devices!r}"
-    quiet = logging.getLogger("pytorch_lightning")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)  # the Trainer's "GPU available: ..." lines are not this command's output
-    try:
-        trainer = pl.Trainer(
-            accelerator=accelerator,
-            devices=count,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-    except (MisconfigurationException, ValueError, RuntimeError, TypeError) as err:
-        raise CLIError(f"{flags} cannot be used: {' '.join(str(err).split())}") from None
-    finally:
-        quiet.setLevel(level)
-    if trainer.num_devices != 1:
-        raise CLIError(
-            f"--devices={devices!r} selects {trainer.num_devices} devices; this command runs on one device: "
-            "expected --devices 1."
-        )
-    return trainer.strategy.root_device
 
 
 def module_loss(pl_module: Any) -> tuple[LossFn, Callable[[Any, Any], tuple[Any, Any]], str]:
@@ -159,17 +125,20 @@ def _setup(cfg: Any, make: Maker) -> dict[str, Any]:
             raise CLIError(
                 f"{flag}={path!r} is not a file; expected a .ckpt written by Lightning or a saved state dict."
             )
-    device = resolve_device(cfg.accelerator, cfg.devices)
+    procs = Processes(cfg.accelerator, cfg.devices)
     model, datamodule = make("model"), make("data")
-    model.to(device)
     start, end = _weights(model, cfg.ckpt_a, "CKPT_A"), _weights(model, cfg.ckpt_b, "CKPT_B")
     loss_fn, forward_fn, source = module_loss(model)
+    procs.launch()  # every check above has passed on this process, so it passes on the others too
+    model.to(procs.device)
+    start, end = ({k: v.to(procs.device) for k, v in sd.items()} for sd in (start, end))
     facts = {
         "checkpoints": [str(cfg.ckpt_a), str(cfg.ckpt_b)],
         "model": _json_safe(cfg.model.as_dict() if hasattr(cfg.model, "as_dict") else cfg.model),
         "datamodule": _json_safe(cfg.data.as_dict() if hasattr(cfg.data, "as_dict") else cfg.data),
         "loss_source": source,
-        "device": str(device),
+        "device": str(procs.device),
+        "processes": procs.world_size,
     }
     return dict(
         directory=directory,
@@ -182,6 +151,7 @@ def _setup(cfg: Any, make: Maker) -> dict[str, Any]:
         loss_fn=loss_fn,
         forward_fn=forward_fn,
         facts=facts,
+        procs=procs,
     )
 
 
@@ -202,30 +172,33 @@ def run_interpolate(cfg: Any, make: Maker) -> dict[str, float]:
 
     alphas = parse_alphas(cfg.alphas)
     s = _setup(cfg, make)
+    procs: Processes = s["procs"]
     with _quiet_steps():
         train, val = _loaders(s["datamodule"])
         ls = interpolate_runs(
             s["model"],
             s["start"],
             s["end"],
-            train,
-            val_data=val,
+            procs.batches(train, cfg.num_batches),
+            val_data=None if val is None else procs.batches(val, cfg.num_batches),
             loss_fn=s["loss_fn"],
             forward_fn=s["forward_fn"],
             metrics=s["metrics"] or None,
             alphas=alphas,
-            num_batches=cfg.num_batches,
             bn=cfg.bn,
             labels=_run_labels(cfg.ckpt_a, cfg.ckpt_b),
+            progress=procs.progress,
+            reduce=procs.reduce,
         )
     ls.metadata.update(s["facts"])
-    directory = s["directory"]
-    written = [ls.save(directory / "interpolation.npz")]
-    written += save_figure(plot_interpolation(ls), directory, "interpolation", s["formats"])
     scalars = interpolation_scalars(ls)
-    written.append(_write_scalars(directory, scalars))
-    for path in written:
-        print(path)
+    if procs.is_global_zero:  # every process holds the same values; one writes them
+        directory = s["directory"]
+        written = [ls.save(directory / "interpolation.npz")]
+        written += save_figure(plot_interpolation(ls), directory, "interpolation", s["formats"])
+        written.append(_write_scalars(directory, scalars))
+        for path in written:
+            print(path)
     return scalars
 
 
@@ -250,10 +223,10 @@ def run_connect(cfg: Any, make: Maker) -> dict[str, float]:
     ``curve.npz`` (a CurveResult), ``curve.pt`` (the fitted curve), the figure, ``scalars.json``, and with
     ``--plane N`` the loss over the plane through both end points and the bend (``curve_plane.npz``)."""
     from lightning_landscape.connect import curve_plane, evaluate_curve, fit_curve
-    from lightning_landscape.plots.curves import plot_connection, plot_curve_plane
 
     ts = _check_connect(cfg)
     s = _setup(cfg, make)
+    procs: Processes = s["procs"]
     model, loss = s["model"], {"loss_fn": s["loss_fn"], "forward_fn": s["forward_fn"]}
     model.load_state_dict(s["start"])  # buffers and frozen weights off the curve are the first run's
     with _quiet_steps():
@@ -263,7 +236,7 @@ def run_connect(cfg: Any, make: Maker) -> dict[str, float]:
             model,
             s["start"],
             s["end"],
-            train,
+            procs.shard(train),  # padding kept: every process takes the same number of steps
             curve=cfg.curve,
             num_bends=cfg.num_bends,
             epochs=cfg.epochs,
@@ -273,12 +246,24 @@ def run_connect(cfg: Any, make: Maker) -> dict[str, float]:
             weight_decay=cfg.weight_decay,
             seed=cfg.seed,
             num_batches=cfg.num_batches,
+            progress=procs.progress,
+            reduce=procs.reduce,
             **loss,
         )
-        kw = {"metrics": s["metrics"] or None, "bn": cfg.bn, "num_batches": cfg.num_batches, **loss}
-        result = evaluate_curve(model, curve, data, ts=ts, **kw)
-        plane = curve_plane(model, curve, data, resolution=cfg.plane, **kw) if cfg.plane else None
+        kw = {"metrics": s["metrics"] or None, "bn": cfg.bn, "progress": procs.progress, "reduce": procs.reduce}
+        batches = procs.batches(data, cfg.num_batches)
+        result = evaluate_curve(model, curve, batches, ts=ts, **kw, **loss)
+        plane = curve_plane(model, curve, batches, resolution=cfg.plane, **kw, **loss) if cfg.plane else None
     result.metadata.update(s["facts"], eval_on="val" if data is val else "train")
+    scalars = result.scalars()
+    if procs.is_global_zero:
+        _write_connection(s, curve, result, plane, scalars)
+    return scalars
+
+
+def _write_connection(s: dict[str, Any], curve: Any, result: Any, plane: Any, scalars: dict[str, float]) -> None:
+    from lightning_landscape.plots.curves import plot_connection, plot_curve_plane
+
     directory, formats = s["directory"], s["formats"]
     written = [result.save(directory / "curve.npz"), curve.save(directory / "curve.pt")]
     written += save_figure(plot_connection(result), directory, "curve_connection", formats)
@@ -286,8 +271,6 @@ def run_connect(cfg: Any, make: Maker) -> dict[str, float]:
         plane.metadata.update(s["facts"])
         written.append(plane.save(directory / "curve_plane.npz"))
         written += save_figure(plot_curve_plane(plane), directory, "curve_plane", formats)
-    scalars = result.scalars()
     written.append(_write_scalars(directory, scalars))
     for path in written:
         print(path)
-    return scalars
