@@ -4,14 +4,19 @@ A block is a preallocated ``(rows, P)`` array of snapshots: a CPU tensor in
 memory, or an ``.npy`` file on disk. This module holds the storage dtypes, the
 :class:`Block` record, zero-copy conversions between torch and numpy (bfloat16
 as its uint16 bit pattern), creating ``.npy`` files and reading their headers,
-and the unbuffered readers and writers that move rows in and out of them
-without a memory map.
+the unbuffered readers and writers that move rows in and out of them
+without a memory map, and the background thread (:class:`RowWorker`) and
+reusable row buffers (:class:`BufferRing`) that keep that work off the
+training thread.
 """
 
 from __future__ import annotations
 
+import mmap
+import queue
+import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,3 +257,189 @@ class BlockReader:
             self._files.popitem(last=False)[1].close()
         f = self._files[index] = open(block.path, "rb", buffering=0)  # type: ignore[arg-type]
         return f
+
+
+def prefault(tensor: torch.Tensor) -> None:
+    """Write one element of every memory page of the contiguous CPU tensor ``tensor``.
+
+    The first write to a fresh page costs a page fault, which on a 40 MB row takes longer than
+    copying the row itself; done here, ahead of use and on the writer thread, the training
+    thread's copy into the row then takes none. The values written are zeros.
+
+    Example:
+        >>> row = torch.ones(2048)
+        >>> prefault(row)
+        >>> int((row == 0).sum()) == 2048 // (mmap.PAGESIZE // 4)
+        True
+    """
+    flat = tensor.view(-1)
+    flat[:: max(1, mmap.PAGESIZE // flat.element_size())].zero_()
+
+
+def fill_row(row: torch.Tensor, tensors: Sequence[torch.Tensor], *, non_blocking: bool = False) -> None:
+    """Copy ``tensors`` (each flattened, in order) straight into the 1-D ``row``, converting to its dtype.
+
+    One ``copy_`` per tensor: no flat intermediate vector, and the conversion to a 16-bit row
+    happens in the same pass.
+
+    Example:
+        >>> row = torch.empty(5, dtype=torch.float16)
+        >>> fill_row(row, [torch.tensor([[1.0, 2.0], [3.0, 4.0]]).t(), torch.tensor(0.1)])
+        >>> row.tolist()
+        [1.0, 3.0, 2.0, 4.0, 0.0999755859375]
+    """
+    a = 0
+    for t in tensors:
+        n = t.numel()
+        row[a : a + n].view(t.shape).copy_(t, non_blocking=non_blocking)
+        a += n
+
+
+#: A unit of the writer thread's work.
+Task = Callable[[], None]
+#: The row of a task whose failure loses no snapshot (pre-faulting): past any real row.
+NO_ROW = 2**62
+
+
+class RowWorker:
+    """One background thread running tasks in submission order: pre-faulting rows, file writes, device copies.
+
+    A thread cannot raise into the training thread, so a task that raises records its error with
+    its row; the tasks after it are skipped (their cleanups still run, so buffers come back) until
+    :meth:`take_error` hands the error over, together with the first row not stored.
+
+    Example:
+        >>> worker, out = RowWorker(), []
+        >>> worker.submit(0, lambda: out.append("written"))
+        >>> worker.submit(1, lambda: 1 / 0)
+        >>> worker.submit(2, lambda: out.append("skipped"))
+        >>> worker.wait()
+        >>> row, err = worker.take_error()
+        >>> worker.stop()
+        >>> out, row, type(err).__name__
+        (['written'], 1, 'ZeroDivisionError')
+    """
+
+    def __init__(self) -> None:
+        self._tasks: queue.SimpleQueue[tuple[int, Task, Task | None] | None] = queue.SimpleQueue()
+        self._cv = threading.Condition()
+        self._pending = 0
+        self._error: BaseException | None = None
+        self._error_row = 0
+        self._thread: threading.Thread | None = None
+
+    @property
+    def failed(self) -> bool:
+        """Whether a task failed since the last :meth:`take_error`."""
+        return self._error is not None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread runs (it starts with the first task)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, row: int, task: Task, cleanup: Task | None = None) -> None:
+        """Run ``task`` (about snapshot ``row``) after the tasks submitted before, then ``cleanup`` in any case."""
+        with self._cv:
+            self._pending += 1
+        if not self.alive:
+            self._thread = threading.Thread(target=self._run, name="lightning_landscape-snapshots", daemon=True)
+            self._thread.start()
+        self._tasks.put((row, task, cleanup))
+
+    def _run(self) -> None:
+        while (item := self._tasks.get()) is not None:
+            row, task, cleanup = item
+            try:
+                if self._error is None:
+                    task()
+                else:
+                    self._error_row = min(self._error_row, row)  # skipped: not stored either
+            except BaseException as err:  # any failure must reach the training thread, which sees no other way
+                self._error, self._error_row = err, row
+            finally:
+                try:
+                    if cleanup is not None:
+                        cleanup()
+                finally:
+                    with self._cv:
+                        self._pending -= 1
+                        self._cv.notify_all()
+
+    def wait(self, until: Callable[[], bool] | None = None) -> None:
+        """Wait until every submitted task has run (or, with ``until``, until it returns true or nothing is left)."""
+        with self._cv:
+            while self._pending and not (until is not None and until()):
+                self._cv.wait()
+
+    def take_error(self) -> tuple[int, BaseException] | None:
+        """``(first row not stored, error)`` of a failed task, once the queue has run out, or ``None``."""
+        if self._error is None:
+            return None
+        self.wait()
+        with self._cv:
+            err, self._error = self._error, None
+            return self._error_row, err  # type: ignore[return-value]
+
+    def stop(self) -> None:
+        """Run what is queued, then end the thread (a later :meth:`submit` starts a new one)."""
+        if self._thread is not None:
+            self._tasks.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+class BufferRing:
+    """Up to ``size`` reusable one-snapshot row buffers, handed out in turn: what bounds the writer's queue.
+
+    :meth:`acquire` waits while every buffer is in flight, so a disk slower than the snapshots
+    slows the appends (back-pressure) instead of queueing copies without bound. Buffers are made
+    at the first :meth:`acquire` (pre-faulted on the worker thread unless ``fresh_is_faulted``, as
+    pinned memory is) and dropped by :meth:`clear`.
+
+    Example:
+        >>> worker = RowWorker()
+        >>> ring = BufferRing(lambda: torch.empty(3), 2, worker)
+        >>> a, b = ring.acquire(), ring.acquire()
+        >>> ring.release(a)
+        >>> ring.acquire() is a
+        True
+        >>> worker.stop()
+    """
+
+    def __init__(
+        self, make: Callable[[], torch.Tensor], size: int, worker: RowWorker, *, fresh_is_faulted: bool = False
+    ) -> None:
+        self._make = make
+        self.size = size
+        self._worker = worker
+        self._fresh_is_faulted = fresh_is_faulted
+        self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
+        self._made = 0
+
+    def acquire(self) -> torch.Tensor:
+        """A free buffer, waiting for one while all are in flight."""
+        if self._made == 0:
+            for _ in range(self.size):
+                buf = self._make()
+                self._made += 1
+                if self._fresh_is_faulted:
+                    self._free.put(buf)
+                else:  # free once pre-faulted
+                    self._worker.submit(NO_ROW, lambda b=buf: prefault(b), lambda b=buf: self._free.put(b))
+        while True:
+            try:
+                return self._free.get(timeout=1.0)
+            except queue.Empty:
+                if not self._worker.alive:  # nothing would ever come back
+                    raise RuntimeError("the snapshot writer thread has stopped with every buffer in flight") from None
+
+    def release(self, buf: torch.Tensor) -> None:
+        """Hand ``buf`` back."""
+        self._free.put(buf)
+
+    def clear(self) -> None:
+        """Drop the buffers (all must be back: call after the worker's :meth:`RowWorker.wait`)."""
+        while not self._free.empty():
+            self._free.get()
+        self._made = 0

@@ -4,6 +4,12 @@
 every block to disk once when a memory budget is outgrown, writes and reads rows,
 reopens the files of a checkpointed store, and removes the temporary directory
 it made. :class:`~lightning_landscape.trajectory.SnapshotStore` builds on it.
+
+A snapshot is copied on the training thread, once, straight from the parameters
+into its destination: a memory row (pre-faulted ahead of use on the writer
+thread) or a reused buffer that the writer thread then writes to its file. On a
+GPU the copy goes to a pinned buffer on a side stream, and the writer thread
+waits for it; the training thread never does.
 """
 
 from __future__ import annotations
@@ -13,19 +19,25 @@ import shutil
 import tempfile
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lightning_landscape.trajectory._npy import (
+    NO_ROW,
     NUMPY_DTYPES,
     TORCH_DTYPES,
     Block,
     BlockReader,
     BlockWriter,
+    BufferRing,
+    RowWorker,
     create_npy,
+    fill_row,
+    prefault,
     read_npy_header,
 )
 
@@ -34,6 +46,9 @@ from lightning_landscape.trajectory._npy import (
 BLOCK_BYTES = 64 * 2**20
 # At most this many rows per block, so a tiny model does not preallocate room for thousands of snapshots.
 MAX_BLOCK_ROWS = 1024
+# Memory rows are pre-faulted this far (at least one row) ahead of the snapshot count: enough that the
+# next snapshot's row is always ready, little enough that spare rows cost little.
+PREFAULT_BYTES = 16 * 2**20
 
 
 class SnapshotBlocks:
@@ -47,12 +62,15 @@ class SnapshotBlocks:
             when first needed, removed by :meth:`close` or at interpreter exit.
         block_rows: rows per block; ``None`` picks about 64 MiB, at most 1024 rows.
         prefix: the file-name prefix; ``None`` draws a unique one.
+        max_pending: row buffers in flight to the writer thread (disk rows, device copies);
+            a write waits while all of them are.
 
     Example:
         >>> blocks = SnapshotBlocks(2, "float32", "memory", block_rows=2)
         >>> blocks.reserve(3, count=0)
-        >>> blocks.write(2, torch.tensor([1.0, 2.0]))
+        >>> blocks.write_row(2, [torch.tensor([1.0, 2.0])])
         >>> out = torch.empty(1, 2)
+        >>> blocks.flush()
         >>> with blocks.reader() as reader:
         ...     reader.read_rows(2, 3, 0, 2, out)
         >>> blocks.capacity, out.tolist()
@@ -67,6 +85,7 @@ class SnapshotBlocks:
         directory: Path | None = None,
         block_rows: int | None = None,
         prefix: str | None = None,
+        max_pending: int = 2,
     ) -> None:
         self.num_params = num_params
         self.dtype_name = dtype_name
@@ -76,14 +95,21 @@ class SnapshotBlocks:
         self.directory = directory
         self.block_rows = block_rows or max(1, min(MAX_BLOCK_ROWS, BLOCK_BYTES // (num_params * self.itemsize)))
         self.prefix = prefix or f"snapshots-{uuid.uuid4().hex[:8]}"
+        self.max_pending = max_pending
         self.blocks: list[Block] = []
         self.capacity = 0
         self._owns_dir = False
         self._finalizer: Any = None
-        self._writer = BlockWriter()
-        self._cast: torch.Tensor | None = None  # one reused row for converting to a 16-bit storage dtype
-        self._staging: torch.Tensor | None = None  # one pinned host row for copies from a CUDA device
-        self._pending: tuple[int, Any] | None = None  # (row, CUDA event) of a copy still in flight
+        self._worker = RowWorker()
+        # The worker's thread must not outlive the store: stopped (after its queue) when the store goes.
+        self._stop_worker = weakref.finalize(self, self._worker.stop)
+        self._writer = BlockWriter()  # used by the worker only, which writes the rows in order
+        self._staging = BufferRing(self._new_row, max_pending, self._worker)
+        self._pinned: BufferRing | None = None  # pinned host rows for copies from a CUDA device
+        self._stream: Any = None  # the side CUDA stream of those copies
+        self._fence: tuple[Any, torch.device] | None = None  # a device copy the training stream still has to wait for
+        self._faulted = 0  # memory rows [0, _faulted) are pre-faulted...
+        self._fault_asked = 0  # ...and [_faulted, _fault_asked) are queued for it
 
     @property
     def files(self) -> list[Path]:
@@ -98,6 +124,11 @@ class SnapshotBlocks:
             self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.directory), True)
         return self.directory
 
+    def _new_row(self) -> torch.Tensor:
+        return torch.empty(self.num_params, dtype=self.torch_dtype)
+
+    # ---- room for rows
+
     def reserve(self, rows: int, count: int, budget_rows: int | None = None) -> None:
         """Make room for ``rows`` rows, adding blocks.
 
@@ -108,14 +139,36 @@ class SnapshotBlocks:
             if self.storage == "disk":
                 self._add_disk_block()
                 continue
-            new_rows = self.block_rows
-            if budget_rows is not None:
-                new_rows = min(new_rows, budget_rows - self.capacity)
-                if new_rows < 1 or self.capacity + new_rows < rows:
-                    self.spill_to_disk(count)
-                    continue
+            if budget_rows is not None and rows > budget_rows:
+                self.spill_to_disk(count)
+                continue
+            new_rows = self.block_rows if budget_rows is None else min(self.block_rows, budget_rows - self.capacity)
             self.blocks.append(Block(new_rows, tensor=torch.empty((new_rows, self.num_params), dtype=self.torch_dtype)))
             self.capacity += new_rows
+
+    def prefault_ahead(self, count: int, budget_rows: int | None = None) -> None:
+        """Have the worker pre-fault the memory rows the next snapshots take (about 16 MiB past ``count``).
+
+        Blocks are added for them within ``budget_rows``, never past it (that would spill).
+        """
+        if self.storage != "memory":
+            return
+        target = count + max(1, PREFAULT_BYTES // (self.num_params * self.itemsize))
+        if budget_rows is not None:
+            target = min(target, budget_rows)
+        if target > self.capacity:
+            self.reserve(target, count, budget_rows)
+        first = 0
+        for block in self.blocks:
+            lo, hi = max(self._fault_asked, first), min(target, first + block.rows)
+            if lo < hi:
+                rows = block.tensor[lo - first : hi - first]  # type: ignore[index]
+                self._worker.submit(NO_ROW, partial(prefault, rows), partial(self._faulted_to, hi))
+                self._fault_asked = hi
+            first += block.rows
+
+    def _faulted_to(self, row: int) -> None:
+        self._faulted = row  # worker thread; waiters are woken when the task ends
 
     def _add_disk_block(self) -> None:
         directory = self.ensure_dir()
@@ -131,17 +184,21 @@ class SnapshotBlocks:
         self.capacity += self.block_rows
 
     def spill_to_disk(self, count: int) -> None:
-        """Move the first ``count`` rows, held in memory, to disk files, once; later rows go to disk."""
+        """Move the first ``count`` rows, held in memory, to disk files, once; later rows go to disk.
+
+        The worker writes them, in the background; each memory block is freed once its rows are written.
+        """
         old = self.blocks
         self.blocks, self.capacity, self.storage = [], 0, "disk"
         while self.capacity < count:
             self._add_disk_block()
         row = 0
         for block in old:
-            n = min(block.rows, count - row)
-            for i in range(n):
-                self.write(row + i, block.tensor[i])  # type: ignore[index]
-            row += n
+            for r in range(min(block.rows, count - row)):
+                index, target_row = self._locate(row)
+                write = partial(self._writer.write, index, self.blocks[index], target_row, block.tensor[r])  # type: ignore[index]
+                self._worker.submit(row, write)
+                row += 1
 
     def _locate(self, i: int) -> tuple[int, int]:
         """(block index, row within the block) of row ``i``."""
@@ -151,42 +208,96 @@ class SnapshotBlocks:
             i -= block.rows
         raise IndexError(i)
 
-    def write(self, i: int, vec: torch.Tensor) -> None:
-        """Store the CPU tensor ``vec`` (P values, any float dtype) as row ``i``, rounded to the storage dtype."""
+    # ---- writing rows
+
+    def write_row(self, i: int, tensors: Sequence[torch.Tensor], *, defer: bool = False) -> None:
+        """Row ``i`` = ``tensors`` (detached, each flattened, in order; P values), rounded to the storage dtype.
+
+        CPU tensors are copied straight into a memory row or into a reused buffer that the worker then
+        writes to the row's file. Tensors on one CUDA device go through :meth:`_write_from_device`;
+        ``defer`` leaves its :meth:`fence` to the caller.
+        """
+        device = tensors[0].device
+        if device.type == "cuda" and torch.cuda.is_available() and all(t.device == device for t in tensors):
+            self._write_from_device(i, tensors, defer)
+            return
         index, row = self._locate(i)
         block = self.blocks[index]
         if block.tensor is not None:
-            block.tensor[row].copy_(vec)
+            if self._faulted <= i < self._fault_asked:
+                self._worker.wait(until=lambda: self._faulted > i)  # normally long done
+            fill_row(block.tensor[row], tensors)
             return
-        if vec.dtype != self.torch_dtype or not vec.is_contiguous():
-            if self._cast is None:
-                self._cast = torch.empty(self.num_params, dtype=self.torch_dtype)
-            vec = self._cast.copy_(vec)
-        self._writer.write(index, block, row, vec)
+        buf = self._staging.acquire()  # waits while max_pending rows are in flight: back-pressure
+        try:
+            fill_row(buf, tensors)
+        except BaseException:
+            self._staging.release(buf)
+            raise
+        self._worker.submit(i, partial(self._writer.write, index, block, row, buf), partial(self._staging.release, buf))
 
-    def write_from_device(self, i: int, vec: torch.Tensor) -> None:
-        """Start a non-blocking copy of the CUDA vector ``vec`` to a pinned host row, landing as row ``i`` at flush.
+    def _write_from_device(self, i: int, tensors: Sequence[torch.Tensor], defer: bool) -> None:
+        """Copy the CUDA ``tensors`` to a pinned row on a side stream; the worker lands it as row ``i``.
 
-        The copy is ordered on ``vec``'s current stream, so later work on that stream may change ``vec``.
+        The side stream first waits for the current (training) stream, so the copy sees every kernel
+        queued before it (the optimizer step). :meth:`fence` makes the training stream wait for the
+        copy before it changes the tensors; neither the host nor the training stream is synchronized.
         """
-        self.flush()
-        if self._staging is None:
-            self._staging = torch.empty(self.num_params, dtype=self.torch_dtype, pin_memory=True)
-        self._staging.copy_(vec.to(self.torch_dtype), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(vec.device))
-        self._pending = (i, event)
+        device = tensors[0].device
+        self.fence()
+        if self._pinned is None:
+            self._stream = torch.cuda.Stream(device)
+            pinned = partial(torch.empty, self.num_params, dtype=self.torch_dtype, pin_memory=True)
+            self._pinned = BufferRing(pinned, self.max_pending, self._worker, fresh_is_faulted=True)
+        buf = self._pinned.acquire()
+        self._stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._stream):
+            for t in tensors:
+                t.record_stream(self._stream)  # a caller freeing t: its memory is not reused before the copy
+            # Converted on the device (half the bytes over the bus), into memory of the side stream.
+            fill_row(buf, [t.to(self.torch_dtype) for t in tensors], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self._fence = (event, device)
+        if not defer:
+            self.fence()
+        index, row = self._locate(i)
+        block = self.blocks[index]
+        if block.tensor is not None:
+            land = partial(_land_in_memory, event, block.tensor[row], buf)
+        else:
+            land = partial(_land_on_disk, event, self._writer, index, block, row, buf)
+        self._worker.submit(i, land, partial(self._pinned.release, buf))
+
+    def fence(self) -> None:
+        """Make the current stream of the last device copy's device wait for that copy (on the GPU, not the host)."""
+        if self._fence is not None:
+            event, device = self._fence
+            torch.cuda.current_stream(device).wait_event(event)
+            self._fence = None
 
     def flush(self) -> None:
-        """Wait for a copy started by :meth:`write_from_device` and write its row."""
-        if self._pending is not None:
-            i, event = self._pending
-            event.synchronize()
-            self.write(i, self._staging)  # type: ignore[arg-type]
-            self._pending = None
+        """Wait for the worker, then free the row buffers: every row written so far is in its block."""
+        self.fence()
+        self._worker.wait()
+        self._writer.close()  # the worker is idle: nobody writes to the file now
+        self._staging.clear()
+        if self._pinned is not None:
+            self._pinned.clear()
+
+    def take_error(self) -> tuple[int, BaseException] | None:
+        """``(first row not stored, error)`` of a failed background task (once the queue has run out), or ``None``."""
+        return self._worker.take_error()
+
+    @property
+    def failed(self) -> bool:
+        """Whether a background task failed and :meth:`take_error` has not collected it yet."""
+        return self._worker.failed
+
+    # ---- reading, reopening, closing
 
     def reader(self) -> BlockReader:
-        """A reader of these blocks (a context manager that closes the files it opened)."""
+        """A reader of these blocks (a context manager that closes the files it opened); :meth:`flush` first."""
         return BlockReader(self.blocks, self.dtype_name, self.num_params)
 
     def reopen(self, files: Iterable[str | Path], count: int) -> None:
@@ -224,13 +335,28 @@ class SnapshotBlocks:
             self.directory = self.blocks[0].path.parent  # type: ignore[union-attr]
 
     def close(self, *, delete: bool = False) -> None:
-        """Release the blocks (after :meth:`flush`); files are removed when ``delete`` or the directory is its own."""
+        """Release the blocks (after :meth:`flush`) and end the worker.
+
+        Files are removed when ``delete`` or the directory is its own.
+        """
         self.flush()
-        self._writer.close()
+        self._stop_worker()
         paths = self.files
-        self.blocks, self.capacity, self._cast, self._staging = [], 0, None, None
+        self.blocks, self.capacity, self._pinned, self._stream = [], 0, None, None
         if self._owns_dir and self._finalizer is not None:
             self._finalizer()  # removes the temporary directory
         elif delete:
             for p in paths:
                 p.unlink(missing_ok=True)
+
+
+def _land_in_memory(event: Any, row: torch.Tensor, buf: torch.Tensor) -> None:
+    """Worker: once the device copy into the pinned ``buf`` is done, copy it into the memory ``row``."""
+    event.synchronize()
+    row.copy_(buf)
+
+
+def _land_on_disk(event: Any, writer: BlockWriter, index: int, block: Block, row: int, buf: torch.Tensor) -> None:
+    """Worker: once the device copy into the pinned ``buf`` is done, write it as ``row`` of file block ``index``."""
+    event.synchronize()
+    writer.write(index, block, row, buf)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,11 @@ from lightning_landscape.trajectory.checks import (
     check_max_memory_mb,
     check_prefix,
     check_snapshot_dir,
-    check_snapshot_vector,
+    check_snapshot_tensors,
     check_state_dict,
     check_stop,
     normalize_dtype,
+    resolve_dtype,
 )
 
 _STATE_FORMAT = "lightning_landscape.SnapshotStore/1"
@@ -34,18 +35,24 @@ class SnapshotStore:
     Snapshots live in preallocated blocks of ``block_rows`` rows; a full store
     grows by adding a block, never by rewriting old ones. In memory a block is a
     CPU tensor; on disk it is one ``.npy`` file (``{prefix}-00000.npy``, ...),
-    a (rows, P) array that ``numpy.load(path, mmap_mode="r")`` maps. The store
-    itself writes and reads the files with positioned file I/O rather than a
-    memory map, so its resident memory stays at one snapshot however many it
-    holds. A file's rows past the snapshot count are unused (zeros; sparse on
-    most file systems).
+    a (rows, P) array that ``numpy.load(path, mmap_mode="r")`` maps, written and
+    read with positioned file I/O (no memory map, so the resident memory does
+    not grow with the store). A file's rows past the snapshot count are unused.
+
+    An append copies the snapshot once, straight into its destination: a memory
+    row (pre-faulted ahead of use on a background thread) or one of
+    ``max_pending`` reused buffers that the background thread writes to disk. An
+    error in that thread is raised by the next :meth:`append`, :meth:`flush`,
+    :meth:`check_errors` or :meth:`close`, with the store rolled back to the
+    snapshots stored before it (count, steps, epochs).
 
     Args:
         num_params: P, the length of every snapshot.
-        dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"`` (also the
-            torch dtypes): the storage precision; the 16-bit types halve memory and
-            disk. bfloat16 is stored in ``.npy`` files as its uint16 bit pattern.
-            Reads always return float32.
+        dtype: ``"auto"`` (default: float32 below 500,000 parameters, float16 from
+            there, where it changes the explained variance by < 1e-3), ``"float32"``,
+            ``"float16"`` or ``"bfloat16"`` (also the torch dtypes): the storage
+            precision; the 16-bit types halve memory and disk. bfloat16 is stored in
+            ``.npy`` files as its uint16 bit pattern. Reads always return float32.
         storage: ``"memory"`` keeps everything in CPU memory; ``"disk"`` writes
             every snapshot to ``snapshot_dir``; ``"auto"`` (default) keeps them in
             memory while K·P·bytes fits ``max_memory_mb`` and then moves all of them
@@ -61,6 +68,8 @@ class SnapshotStore:
         prefix: the file-name prefix; ``None`` draws a unique one, so several
             stores can share a directory. Existing files of the same name are
             overwritten.
+        max_pending: snapshots in flight to the background writer (each holds a
+            one-snapshot buffer); an append waits while all of them are.
 
     Raises:
         ValueError: on an invalid argument, or a ``snapshot_dir`` that cannot be
@@ -78,23 +87,25 @@ class SnapshotStore:
         self,
         num_params: int,
         *,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "auto",
         storage: str = "auto",
         max_memory_mb: float = 1024.0,
         snapshot_dir: str | os.PathLike | None = None,
         block_rows: int | None = None,
         prefix: str | None = None,
+        max_pending: int = 2,
     ) -> None:
         num_params = check_positive_int("num_params", num_params)  # type: ignore[assignment]
-        dtype_name = normalize_dtype(dtype)
+        dtype_name = resolve_dtype(dtype, num_params)
         check_choice("storage", storage, STORAGES)
         max_memory_mb = check_max_memory_mb(max_memory_mb)
         block_rows = check_positive_int("block_rows", block_rows, allow_none=True)
         check_prefix(prefix)
+        max_pending = check_positive_int("max_pending", max_pending)  # type: ignore[assignment]
         directory = None if snapshot_dir is None else Path(snapshot_dir)
         if directory is not None and storage != "memory":
             check_snapshot_dir(directory)
-        self._setup(num_params, dtype_name, storage, max_memory_mb, directory, block_rows, prefix)
+        self._setup(num_params, dtype_name, storage, max_memory_mb, directory, block_rows, prefix, max_pending)
         if storage == "disk":
             self._blocks.ensure_dir()
 
@@ -107,19 +118,18 @@ class SnapshotStore:
         directory: Path | None,
         block_rows: int | None,
         prefix: str | None,
+        max_pending: int = 2,
     ) -> None:
         self._num_params = num_params
         self._dtype_name = dtype_name
         self._requested_storage = storage
         self._max_memory_mb = max_memory_mb
         where = "disk" if storage == "disk" else "memory"
-        self._blocks = SnapshotBlocks(num_params, dtype_name, where, directory, block_rows, prefix)
+        self._blocks = SnapshotBlocks(num_params, dtype_name, where, directory, block_rows, prefix, max_pending)
         self._count = 0
         self._steps: list[int] = []
         self._epochs: list[int] = []
         self._closed = False
-
-    # ---- properties
 
     @property
     def num_params(self) -> int:
@@ -184,44 +194,77 @@ class SnapshotStore:
 
     # ---- writing
 
-    def append(self, vec: torch.Tensor, *, step: int, epoch: int) -> None:
-        """Store one snapshot (a 1-D tensor of length P, any float dtype and device).
+    def append(self, vec: torch.Tensor | Sequence[torch.Tensor], *, step: int, epoch: int, defer: bool = False) -> None:
+        """Store one snapshot: a 1-D tensor of P values, or a list of tensors of P values together (the parameters).
 
-        The values are rounded to the storage dtype. A CUDA vector is converted on
-        its device and copied without blocking into a pinned host buffer; the copy
-        lands in the store at the next call that needs it (the next append, a read,
-        :meth:`flush`), so training is not stalled by the transfer. The caller may
-        change ``vec`` afterwards on the same CUDA stream.
+        The values are copied once, straight into the store's row (no intermediate flat vector),
+        rounded to the storage dtype on the way; the caller may change them once this returns.
+        CUDA tensors are copied without blocking to a pinned host buffer on a side stream that
+        first waits for the current stream; the current stream then waits for the copy (on the
+        device, never the host) right away or, with ``defer``, at :meth:`fence` (``TrajectoryPCA``
+        calls it before each optimizer step, so the copy overlaps the forward and backward pass).
 
         Raises:
-            ValueError: if ``vec`` is not a floating tensor of P elements, or
-                ``step``/``epoch`` are not integers.
+            ValueError: if ``vec`` is not floating tensors of P elements, or ``step``/``epoch``
+                are not integers.
             RuntimeError: if the store is closed.
+            Exception: the error of a failed background write (see :meth:`check_errors`).
 
         Example:
-            >>> store = SnapshotStore(2, dtype="float16", storage="memory")
-            >>> store.append(torch.tensor([0.1, 2.0]), step=10, epoch=1)
+            >>> store = SnapshotStore(3, dtype="float16", storage="memory")
+            >>> store.append([torch.tensor([0.1, 2.0]), torch.tensor([3.0])], step=10, epoch=1)
             >>> store.get(0).tolist(), store.epochs
-            ([0.0999755859375, 2.0], [1])
+            ([0.0999755859375, 2.0, 3.0], [1])
         """
         self._check_open()
-        check_snapshot_vector(vec, self._num_params)
+        tensors = check_snapshot_tensors(vec, self._num_params)
         check_integer("step", step)
         check_integer("epoch", epoch)
-        self._blocks.flush()
+        self.check_errors()
         row = self._count
-        self._reserve(row + 1)
-        vec = vec.detach()
-        if vec.is_cuda and torch.cuda.is_available():
-            self._blocks.write_from_device(row, vec)
-        else:
-            self._blocks.write(row, vec if vec.device.type == "cpu" else vec.cpu())
+        budget = self._budget_rows()
+        self._blocks.reserve(row + 1, row, budget)
+        self._blocks.prefault_ahead(row, budget)
+        self._blocks.write_row(row, tensors, defer=defer)
         self._count = row + 1
         self._steps.append(int(step))
         self._epochs.append(int(epoch))
+        self._blocks.prefault_ahead(row + 1, budget)
+
+    def fence(self) -> None:
+        """Make the current CUDA stream wait for the last device copy (see :meth:`append`); a no-op without one.
+
+        Example:
+            >>> SnapshotStore(2, storage="memory").fence()
+        """
+        self._blocks.fence()
+
+    def check_errors(self) -> None:
+        """Raise the error of a background write that failed, after rolling the store back to the snapshots before it.
+
+        The snapshot whose write failed and every later one leave the count, steps and epochs;
+        the files stay (rows past the count are unused) and appends go on from there. The error
+        is the original one (an ``OSError`` for a full disk), raised once.
+
+        Example:
+            >>> store = SnapshotStore(2, storage="memory")
+            >>> store.check_errors()  # nothing failed
+        """
+        failure = self._blocks.take_error() if self._blocks.failed else None
+        if failure is None:
+            return
+        row, err = failure
+        keep = min(row, self._count)
+        del self._steps[keep:], self._epochs[keep:]
+        self._count = keep
+        if hasattr(err, "add_note"):
+            err.add_note(f"(raised in the snapshot writer thread; the store keeps its first {keep} snapshots)")
+        raise err
 
     def flush(self) -> None:
-        """Finish an in-flight device copy; every snapshot appended so far is then readable (also by another process).
+        """Finish the background writes and device copies: every snapshot so far is then readable (also from the files).
+
+        Frees the write buffers until the next append; raises a failed write's error (:meth:`check_errors`).
 
         Example:
             >>> store = SnapshotStore(2, storage="memory")
@@ -229,19 +272,17 @@ class SnapshotStore:
             >>> store.flush()
         """
         self._blocks.flush()
+        self.check_errors()
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError(
-                "this SnapshotStore is closed; create a new one or resume with SnapshotStore.from_state_dict."
-            )
+            raise RuntimeError("this SnapshotStore is closed; create a new one or resume with from_state_dict.")
 
-    def _reserve(self, rows: int) -> None:
-        """Make room for ``rows`` snapshots (spilling to disk in "auto" past ``max_memory_mb``)."""
-        budget_rows = None
-        if self._requested_storage == "auto":
-            budget_rows = int(self._max_memory_mb * 2**20) // (self._num_params * self._blocks.itemsize)
-        self._blocks.reserve(rows, self._count, budget_rows)
+    def _budget_rows(self) -> int | None:
+        """The rows "auto" storage keeps in memory (``max_memory_mb``), ``None`` without a budget."""
+        if self._requested_storage != "auto":
+            return None
+        return int(self._max_memory_mb * 2**20) // (self._num_params * self._blocks.itemsize)
 
     def move_to_disk(self) -> None:
         """Move the snapshots held in memory to ``.npy`` files in ``snapshot_dir``; later ones go there too.
@@ -255,15 +296,12 @@ class SnapshotStore:
             RuntimeError: if the store is closed.
 
         Example:
-            >>> import tempfile
-            >>> with tempfile.TemporaryDirectory() as tmp:
-            ...     store = SnapshotStore(2, storage="auto", snapshot_dir=tmp)
-            ...     store.append(torch.ones(2), step=0, epoch=0)
-            ...     before = store.storage
-            ...     store.move_to_disk()
-            ...     print(before, store.storage, len(store.files), store.get(0).tolist())
-            ...     store.close()
-            memory disk 1 [1.0, 1.0]
+            >>> store = SnapshotStore(2, storage="auto")
+            >>> store.append(torch.ones(2), step=0, epoch=0)
+            >>> store.move_to_disk()
+            >>> store.storage, len(store.files), store.get(0).tolist()
+            ('disk', 1, [1.0, 1.0])
+            >>> store.close()
         """
         self._check_open()
         if self.storage == "disk":
@@ -272,10 +310,8 @@ class SnapshotStore:
             raise ValueError(
                 "this store was created with `storage`='memory'; expected 'auto' or 'disk' to move it to disk."
             )
-        self._blocks.flush()
+        self.flush()
         self._blocks.spill_to_disk(self._count)
-
-    # ---- reading
 
     def get(self, i: int) -> torch.Tensor:
         """Snapshot ``i`` (negative counts from the end) as a new 1-D float32 CPU tensor.
@@ -289,7 +325,7 @@ class SnapshotStore:
         self._check_open()
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -self._count <= i < self._count:
             raise IndexError(f"`i`={i!r} is out of range for a store of {self._count} snapshots.")
-        self._blocks.flush()
+        self.flush()
         i = int(i) % self._count
         out = torch.empty((1, self._num_params), dtype=torch.float32)
         with self._blocks.reader() as reader:
@@ -308,12 +344,10 @@ class SnapshotStore:
         """Stream the K x P matrix of snapshots by column blocks: ``(a, b, X[start:stop, a:b])``.
 
         Each block holds ``cols`` consecutive parameter coordinates of every
-        snapshot, converted to ``dtype``. Every stored byte is read once, in
-        contiguous runs of ``cols`` values per snapshot; disk blocks are read
-        with file reads (no memory map), so the resident set stays at about one
-        column block however large the store is. All blocks are views of one
-        buffer: a block is overwritten by the next one (``clone()`` it to keep
-        it), which spares the heap a fresh allocation per block. Pass ``out``
+        snapshot, converted to ``dtype``. Every stored byte is read once, with
+        file reads on disk (no memory map: the resident set stays at about one
+        column block). All blocks are views of one buffer: a block is
+        overwritten by the next one (``clone()`` it to keep it). Pass ``out``
         (a contiguous 1-D tensor of ``dtype`` with at least
         ``(stop - start) * min(cols, P)`` elements) to reuse one buffer across
         calls too; reading in the storage dtype (:attr:`torch_dtype`) needs no
@@ -331,7 +365,7 @@ class SnapshotStore:
         stop = check_stop(stop, self._count)
         if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start <= stop:
             raise ValueError(f"`start`={start!r} is not valid; expected an integer in [0, {stop}].")
-        self._blocks.flush()
+        self.flush()
         buffer = check_column_buffer(out, dtype, (stop - start) * min(cols, self._num_params))
         with self._blocks.reader() as reader:
             for a in range(0, self._num_params, cols):
@@ -403,15 +437,13 @@ class SnapshotStore:
                 not match, or (with ``strict``) memory snapshots would be lost.
 
         Example:
-            >>> import tempfile
-            >>> with tempfile.TemporaryDirectory() as tmp:
-            ...     store = SnapshotStore(2, storage="disk", snapshot_dir=tmp)
-            ...     store.append(torch.ones(2), step=0, epoch=0)
-            ...     again = SnapshotStore.from_state_dict(store.state_dict())
-            ...     again.append(torch.zeros(2), step=1, epoch=0)
-            ...     print(len(again), again.get(0).tolist())
-            ...     store.close(); again.close()
-            2 [1.0, 1.0]
+            >>> store = SnapshotStore(2, storage="disk")
+            >>> store.append(torch.ones(2), step=0, epoch=0)
+            >>> again = SnapshotStore.from_state_dict(store.state_dict())
+            >>> again.append(torch.zeros(2), step=1, epoch=0)
+            >>> len(again), again.get(0).tolist()
+            (2, [1.0, 1.0])
+            >>> again.close(); store.close()
         """
         count = check_state_dict(state_dict)
         sd = state_dict
@@ -448,7 +480,8 @@ class SnapshotStore:
     def close(self, *, delete: bool = False) -> None:
         """Release the blocks. Files are removed when ``delete`` or when the store made its own temporary directory.
 
-        Calling it twice is harmless.
+        Calling it twice is harmless. The error of a failed background write is raised after
+        everything is released.
 
         Example:
             >>> store = SnapshotStore(2, storage="disk")
@@ -460,5 +493,6 @@ class SnapshotStore:
         """
         if self._closed:
             return
-        self._blocks.close(delete=delete)
         self._closed = True
+        self._blocks.close(delete=delete)
+        self.check_errors()
