@@ -31,13 +31,12 @@ from lightning_landscape.plots import pca_axis_labels, plot_contour, plot_path
 from lightning_landscape.results import Landscape
 from lightning_landscape.surface import surface_from_evaluator
 from lightning_landscape.trajectory import (
-    DTYPES,
+    DTYPE_CHOICES,
     STORAGES,
     PCAResult,
     SnapshotStore,
     TooFewSnapshotsError,
     check_max_memory_mb,
-    flatten_parameters,
     path_range,
     pca_directions,
     trajectory_pca,
@@ -59,9 +58,12 @@ class TrajectoryPCA(LandscapeCallback):
     in validation hooks (where weight-averaging callbacks swap weights in). They
     live in CPU memory or in ``.npy`` files in ``snapshot_dir`` (each opens with
     ``numpy.load(path, mmap_mode="r")``), chosen by ``max_memory_mb``; the PCA
-    streams them through the K x K Gram matrix, so disk mode holds about one model
-    copy while training and under three during the PCA, however many snapshots
-    there are. On a GPU the copy is non-blocking, into pinned memory.
+    streams them through the K x K Gram matrix, so disk mode holds about two model
+    copies while training and under three during the PCA, however many snapshots
+    there are. A snapshot is one copy of the parameters straight into the store
+    (file writes on a background thread); on a GPU it goes to pinned memory on a
+    side stream, and the training stream waits for it only before the next
+    optimizer step (and at epoch ends and validation), never the host.
 
     Logged (rank zero): figures ``trajectory/contour_path`` and ``trajectory/path``,
     scalars ``trajectory/explained_variance_pc1`` and ``_pc2``, and a ``.npz`` with
@@ -81,7 +83,9 @@ class TrajectoryPCA(LandscapeCallback):
             give one to resume an interrupted run from a checkpoint. With ``"auto"``
             storage the snapshots move there at the first checkpoint, since a
             checkpoint carries the trajectory only through its files.
-        snapshot_dtype: ``"float32"``, or ``"float16"``/``"bfloat16"`` to halve the size.
+        snapshot_dtype: ``"auto"`` (float32 below 500,000 parameters, float16 from there,
+            which changes the explained variance by < 1e-3), ``"float32"``, or
+            ``"float16"``/``"bfloat16"`` to halve the size.
         center: subtract the mean snapshot before the SVD (sklearn-PCA style).
         data, num_batches, metrics, seed, dirpath, log_scale, progress, loss_fn,
             enabled, on_error: as in :class:`~lightning_landscape.LossSurface`; ``seed``
@@ -120,7 +124,7 @@ class TrajectoryPCA(LandscapeCallback):
         storage: Literal["auto", "memory", "disk"] = "auto",
         max_memory_mb: float = 1024.0,
         snapshot_dir: str | None = None,
-        snapshot_dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        snapshot_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto",
         center: bool = False,
         data: Literal["train", "val"] = "train",
         num_batches: int | None = DEFAULT_NUM_BATCHES,
@@ -163,7 +167,7 @@ class TrajectoryPCA(LandscapeCallback):
         # Checked in every storage mode (a path given is a path meant), without creating it here:
         # fully (a file written and deleted) at setup.
         self.snapshot_dir = misconfigured(check_dirpath_argument, "snapshot_dir", snapshot_dir)
-        self.snapshot_dtype = misconfigured(v.check_choice, "snapshot_dtype", snapshot_dtype, DTYPES)
+        self.snapshot_dtype = misconfigured(v.check_choice, "snapshot_dtype", snapshot_dtype, DTYPE_CHOICES)
         self.center = bool(center)
         self.metrics = misconfigured(check_metric_names, metrics)
         self.seed = misconfigured(v.check_seed, "seed", seed)
@@ -172,8 +176,7 @@ class TrajectoryPCA(LandscapeCallback):
         self.resume = bool(resume)
         self.store: SnapshotStore | None = None
         self._names: list[str] = []
-        self._views: list[torch.Tensor] = []
-        self._buffer: torch.Tensor | None = None
+        self._params: list[torch.Tensor] = []  # what a snapshot copies, in the order of _names
         self._restored: dict[str, Any] | None = None
         self._stopped = ""  # why snapshots stopped (a failing disk), or "" while they go on
         # Under DDP the weights are the same on every rank after each step: only global rank zero
@@ -192,10 +195,11 @@ class TrajectoryPCA(LandscapeCallback):
         state = super().state_dict()
         if self.store is None:
             return state
-        if self.store.storage == "memory" and self.storage == "auto" and self.snapshot_dir is not None:
-            self.store.move_to_disk()  # a checkpoint carries the trajectory only through its files
-        self.store.flush()
-        return {**state, "store": self.store.state_dict(), "names": list(self._names)}
+        store = self.store
+        if store.storage == "memory" and self.storage == "auto" and self.snapshot_dir is not None:
+            self._store_call(store.move_to_disk)  # a checkpoint carries the trajectory only through its files
+        self._store_call(store.flush)
+        return {**state, "store": store.state_dict(), "names": list(self._names)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -230,19 +234,9 @@ class TrajectoryPCA(LandscapeCallback):
         if not self._recording:
             self._restored = None
             return
-        # Snapshots are written through flat views into one buffer allocated once: a fresh
-        # P-sized tensor per step would cost time on the training path and fragment the heap.
-        views = (
-            [p.detach().view(-1) for p in params.values()] if all(p.is_contiguous() for p in params.values()) else []
-        )
-        same_dtype = bool(views) and all(v.dtype == torch.float32 for v in views)
-        self._views = views if same_dtype else []
-        self._buffer = (
-            torch.empty(sum(p.numel() for p in params.values()), dtype=torch.float32, device=views[0].device)
-            if self._views
-            else None
-        )
-        self.store = self._open_store(sum(p.numel() for p in params.values()))
+        # The store copies each parameter straight into its row: no flat vector per snapshot.
+        self._params = list(params.values())
+        self.store = self._open_store(sum(p.numel() for p in self._params))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -255,6 +249,8 @@ class TrajectoryPCA(LandscapeCallback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.store is not None and not self._stopped:
+            self._store_call(self.store.check_errors, trainer)  # a failed background write surfaces here
         if self.enabled and not self._opened and not has_lazy_parameters(pl_module):
             self._open(pl_module)  # lazy modules: their first snapshot is after the first step
             self._snapshot(
@@ -269,7 +265,25 @@ class TrajectoryPCA(LandscapeCallback):
                 self._snapshot(trainer, pl_module, epochs_done=trainer.current_epoch + int(last))
 
     @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # On a GPU the step waits (on the device) for the snapshot copy of the weights it changes.
+        self._fence()
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fence()  # weight-averaging callbacks may swap weights in for validation
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fence()
+
+    def _fence(self) -> None:
+        if self.store is not None:
+            self.store.fence()
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fence()
         if (
             self.enabled
             and self.every_n_epochs
@@ -282,7 +296,9 @@ class TrajectoryPCA(LandscapeCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or not self._opened:
             return
-        self._views, self._buffer = [], None  # no more snapshots: free the model-sized buffer before the PCA
+        if self.store is not None:  # every write done (or its error reported) and the write buffers freed
+            self._store_call(self.store.flush, trainer)
+        self._params = []
         self.run_safely(trainer, lambda: self._run_or_explain(trainer, pl_module))
 
     def _run_or_explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Landscape | None:
@@ -317,7 +333,7 @@ class TrajectoryPCA(LandscapeCallback):
                 )
         return SnapshotStore(
             num_params,
-            dtype=self.snapshot_dtype,
+            dtype=self.snapshot_dtype,  # "auto" resolves with the parameter count
             storage=self.storage,
             max_memory_mb=self.max_memory_mb,
             snapshot_dir=self.snapshot_dir,
@@ -327,18 +343,30 @@ class TrajectoryPCA(LandscapeCallback):
         self._last_step = trainer.global_step
         if self._stopped or not self._recording:
             return
-        with torch.no_grad():
-            if self._buffer is not None:
-                vec = torch.cat(self._views, out=self._buffer)
-            else:
-                vec = flatten_parameters(dict(pl_module.named_parameters()), self._names, device=None)
+        # On a GPU the training stream waits for the copy at the next optimizer step; after an epoch's
+        # last batch it waits now, since epoch-end hooks of other callbacks may change the weights.
+        defer = not _lightning.is_last_batch(trainer)
+        store = self.store
+        self._store_call(
+            lambda: store.append(self._params, step=trainer.global_step, epoch=epochs_done, defer=defer),  # type: ignore[union-attr]
+            trainer,
+        )
+
+    def _store_call(self, action: Callable[[], Any], trainer: pl.Trainer | None = None) -> None:
+        """Run a store call; a full or failing disk (``OSError``, also from the writer thread) stops the trajectory.
+
+        Training goes on, and the PCA uses the snapshots stored before the failure.
+        """
         try:
-            self.store.append(vec, step=trainer.global_step, epoch=epochs_done)  # type: ignore[union-attr]
-        except OSError as err:  # a full or failing disk: the trajectory stops, training goes on
+            action()
+        except OSError as err:
+            if self._stopped:
+                return
             self._stopped = f"{err}"
+            where = f" at step {trainer.global_step}" if trainer is not None else ""
             rank_zero_warn(
-                f"TrajectoryPCA: writing the snapshot at step {trainer.global_step} failed ({err}); no more snapshots "
-                f"are taken, training goes on, and the PCA uses the {len(self.store)} snapshot(s) stored so far.",
+                f"TrajectoryPCA: writing a snapshot failed{where} ({err}); no more snapshots are taken, training goes "
+                f"on, and the PCA uses the {len(self.store)} snapshot(s) stored so far.",  # type: ignore[arg-type]
                 category=LandscapeWarning,
             )
 
@@ -400,7 +428,7 @@ class TrajectoryPCA(LandscapeCallback):
             "global_step": trainer.global_step,
             "epoch": trainer.current_epoch,
             "num_snapshots": count,
-            "snapshot_dtype": self.snapshot_dtype,
+            "snapshot_dtype": pca.metadata.get("storage_dtype", self.snapshot_dtype),
         }
         comm = Collectives(trainer)
         landscape = surface_from_evaluator(
@@ -456,5 +484,6 @@ class TrajectoryPCA(LandscapeCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Memory snapshots are dropped with the store; disk ones stay where the user put them.
         if self.store is not None and self.snapshot_dir is None:
-            self.store.close(delete=True)
+            store = self.store
+            self._store_call(lambda: store.close(delete=True))
             self.store = None

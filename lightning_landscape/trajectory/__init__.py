@@ -17,10 +17,11 @@ This package is the Lightning-free core:
   parameters and one flat float32 vector;
 * :class:`SnapshotStore` (:mod:`~lightning_landscape.trajectory.store`) keeps the
   K flat snapshots in CPU memory or, past a memory budget, in ``.npy`` files on
-  disk (float32, float16 or bfloat16; any of them opens with
+  disk (float32, float16 or bfloat16, or ``"auto"``: float16 from
+  :data:`AUTO_FLOAT16_PARAMS` parameters; any of them opens with
   ``numpy.load(path, mmap_mode="r")``), and can be checkpointed and resumed; its
   blocks live in :mod:`~lightning_landscape.trajectory.blocks` and their file I/O
-  in :mod:`~lightning_landscape.trajectory._npy`;
+  and background writer in :mod:`~lightning_landscape.trajectory._npy`;
 * :func:`trajectory_pca` (:mod:`~lightning_landscape.trajectory.pca`) computes the
   PCA by streaming the store twice, so the K x P matrix is never held in memory,
   and returns a :class:`~lightning_landscape.results.pca.PCAResult`;
@@ -38,6 +39,8 @@ Example:
 from lightning_landscape.params import flatten_parameters, unflatten_vector
 from lightning_landscape.results.pca import PCAResult
 from lightning_landscape.trajectory._npy import DTYPES as DTYPES
+from lightning_landscape.trajectory.checks import AUTO_FLOAT16_PARAMS as AUTO_FLOAT16_PARAMS
+from lightning_landscape.trajectory.checks import DTYPE_CHOICES as DTYPE_CHOICES
 from lightning_landscape.trajectory.checks import STORAGES as STORAGES
 from lightning_landscape.trajectory.checks import check_max_memory_mb as check_max_memory_mb
 from lightning_landscape.trajectory.pca import MIN_SNAPSHOTS as MIN_SNAPSHOTS
