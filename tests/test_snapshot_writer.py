@@ -1,0 +1,264 @@
+"""Snapshots off the training path: straight copies into the store, the background writer, dtype="auto".
+
+The snapshots TrajectoryPCA stores are compared bit for bit with weights recorded by hand after each
+optimizer step, for every storage, dtype and schedule; the store's writer thread is checked for
+back-pressure, for reusing its buffers, and for surfacing its errors with the store left consistent.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import warnings
+
+import pytest
+import torch
+from pytorch_lightning.callbacks import Callback
+
+from lightning_landscape import LandscapeWarning, TrajectoryPCA
+from lightning_landscape.trajectory import AUTO_FLOAT16_PARAMS, SnapshotStore, _npy, checks
+
+from .helpers import small_fit
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a float32 tensor (so -0.0 != 0.0 and NaNs compare)."""
+    return t.contiguous().view(torch.int32)
+
+
+class HandRecorder(Callback):
+    """Records the trainable weights by hand where TrajectoryPCA should snapshot, and reads its store at fit end.
+
+    Listed after the TrajectoryPCA callback, so its ``on_fit_end`` runs after the PCA, with the store still open.
+    """
+
+    def __init__(self, trajectory: TrajectoryPCA, every_n_steps: int | None, every_n_epochs: int | None) -> None:
+        self.trajectory = trajectory
+        self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self.rows: dict[int, torch.Tensor] = {}
+        self.stored: list[torch.Tensor] = []
+        self.steps: list[int] = []
+
+    def _take(self, trainer, module) -> None:
+        flat = [p.detach().reshape(-1).clone() for p in module.parameters() if p.requires_grad]
+        self.rows[trainer.global_step] = torch.cat(flat)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._take(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._take(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._take(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        store = self.trajectory.store
+        self.dtype, self.storage = store.torch_dtype, store.storage
+        self.stored = [store.get(i) for i in range(len(store))]
+        self.steps = store.steps
+
+
+@pytest.mark.parametrize("schedule", [{"every_n_steps": 2}, {"every_n_epochs": 1}])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "auto-small", "auto-large"])
+@pytest.mark.parametrize("storage", ["memory", "disk", "auto-spill"])
+def test_snapshots_are_the_hand_recorded_weights_bit_for_bit(tmp_path, monkeypatch, storage, dtype, schedule):
+    kwargs: dict = {"storage": storage}
+    if storage == "auto-spill":  # 1 float32 row of the 854-weight model in memory, then all of them on disk
+        kwargs = {"storage": "auto", "max_memory_mb": 854 * 4 / 2**20, "snapshot_dir": str(tmp_path / "snaps")}
+    if dtype == "auto-large":  # the threshold lowered below this model: "auto" is float16 here
+        monkeypatch.setattr(checks, "AUTO_FLOAT16_PARAMS", 100)
+    cb = TrajectoryPCA(
+        **schedule, resolution=3, num_batches=1, progress=False, snapshot_dtype=dtype.split("-")[0], **kwargs
+    )
+    recorder = HandRecorder(cb, schedule.get("every_n_steps"), schedule.get("every_n_epochs"))
+    small_fit(tmp_path, [cb, recorder], max_epochs=2)
+    expected_dtype = {"float32": torch.float32, "float16": torch.float16, "auto": torch.float32}[dtype.split("-")[0]]
+    if dtype == "auto-large":
+        expected_dtype = torch.float16
+    assert recorder.dtype == expected_dtype
+    assert recorder.storage == ("memory" if storage == "memory" else "disk")
+    expected_steps = [0, 2, 4, 6, 8, 10, 12] if "every_n_steps" in schedule else [0, 6, 12]
+    assert recorder.steps == expected_steps == sorted(recorder.rows)
+    for step, row in zip(recorder.steps, recorder.stored):
+        want = recorder.rows[step].to(expected_dtype).to(torch.float32)
+        assert torch.equal(bits(row), bits(want)), f"snapshot at step {step} differs from the weights after it"
+
+
+def test_parameter_lists_are_copied_exactly_as_the_flat_vector_and_without_concatenation(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    parts = [
+        torch.randn(3, 4, generator=gen).t(),
+        torch.randn(5, dtype=torch.float64, generator=gen),
+        torch.tensor(0.3),
+    ]
+    flat = torch.cat([p.reshape(-1).to(torch.float32) for p in parts])
+    for dtype in ("float32", "float16", "bfloat16"):
+        store = SnapshotStore(18, dtype=dtype, storage="memory")
+        with monkeypatch.context() as m:
+            m.setattr(torch, "cat", lambda *a, **k: pytest.fail("a snapshot must not concatenate"))
+            store.append(parts, step=0, epoch=0)
+        store.append(flat, step=1, epoch=0)
+        torch_dtype = store.torch_dtype
+        # float64 -> 16 bits rounds once in the list case; for these values both roundings agree.
+        assert torch.equal(bits(store.get(0)), bits(flat.to(torch_dtype).float())), dtype
+        assert torch.equal(bits(store.get(1)), bits(flat.to(torch_dtype).float())), dtype
+        store.close()
+
+
+class BlockingWrites:
+    """Replaces BlockWriter.write: each write waits for ``release``, and records the buffers it was given."""
+
+    def __init__(self, monkeypatch, fail_at: int | None = None, error: BaseException | None = None) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.buffers: list[int] = []
+        self.rows: list[int] = []
+        self.fail_at, self.error = fail_at, error
+        real = _npy.BlockWriter.write
+        outer = self
+
+        def write(writer, index, block, row, vec):
+            outer.started.set()
+            outer.release.wait()
+            outer.buffers.append(id(vec))
+            outer.rows.append(len(outer.rows))
+            if outer.fail_at is not None and len(outer.rows) - 1 == outer.fail_at:
+                raise outer.error
+            return real(writer, index, block, row, vec)
+
+        monkeypatch.setattr(_npy.BlockWriter, "write", write)
+
+
+def test_a_slow_disk_holds_appends_back_at_max_pending_and_reuses_the_buffers(tmp_path, monkeypatch):
+    writes = BlockingWrites(monkeypatch)
+    store = SnapshotStore(1000, dtype="float32", storage="disk", snapshot_dir=tmp_path, block_rows=4, max_pending=2)
+    rows = torch.randn(10, 1000, generator=torch.Generator().manual_seed(1))
+    store.append(rows[0], step=0, epoch=0)
+    store.append(rows[1], step=1, epoch=0)  # both buffers now in flight: the writer is held
+    third = threading.Thread(target=store.append, args=(rows[2],), kwargs={"step": 2, "epoch": 0})
+    third.start()
+    third.join(0.3)
+    assert third.is_alive(), "a third append must wait for a buffer while two snapshots are in flight"
+    assert len(store) == 2 and writes.buffers == []
+    writes.release.set()
+    third.join()
+    for k in range(3, 10):
+        store.append(rows[k], step=k, epoch=0)
+    store.flush()
+    assert len(set(writes.buffers)) == 2 and len(writes.buffers) == 10  # two reused buffers, no fresh one per snapshot
+    assert store.steps == list(range(10))
+    for k in range(10):
+        assert torch.equal(store.get(k), rows[k])
+    store.close()
+
+
+@pytest.mark.parametrize("when", ["append", "flush", "check_errors", "close"])
+def test_a_failed_background_write_surfaces_and_leaves_the_store_consistent(tmp_path, monkeypatch, when):
+    writes = BlockingWrites(monkeypatch, fail_at=3, error=OSError(errno.ENOSPC, "No space left on device"))
+    store = SnapshotStore(
+        500, dtype="float16", storage="disk", snapshot_dir=tmp_path, block_rows=2, prefix="run", max_pending=8
+    )
+    rows = torch.randn(8, 500, generator=torch.Generator().manual_seed(2))
+    for k in range(5):  # all queued while the writer is held, so none fails before the loop ends
+        store.append(rows[k], step=10 * k, epoch=k)
+    writes.release.set()
+    store._blocks._worker.wait()  # snapshot 3's write has failed and snapshot 4's was skipped
+    with pytest.raises(OSError, match="No space left on device") as info:
+        if when == "append":
+            store.append(rows[5], step=50, epoch=5)
+        elif when == "flush":
+            store.flush()
+        elif when == "check_errors":
+            store.check_errors()
+        else:
+            store.close()
+    assert "snapshot writer thread" in "".join(getattr(info.value, "__notes__", ["snapshot writer thread"]))
+    # Rolled back to the snapshots written before the failure: count, steps, epochs; the files stay.
+    assert len(store) == 3 and store.steps == [0, 10, 20] and store.epochs == [0, 1, 2]
+    if when == "close":
+        return
+    store.check_errors()  # raised once
+    assert all(p.exists() for p in store.files) and len(store.files) == 3
+    for k in range(3):
+        assert torch.equal(store.get(k), rows[k].half().float())
+    state = store.state_dict()
+    assert state["count"] == 3 and state["steps"] == [0, 10, 20]
+    writes.fail_at = None
+    store.append(rows[6], step=30, epoch=3)  # goes on where the trajectory stopped
+    again = SnapshotStore.from_state_dict(store.state_dict())
+    assert len(again) == 4 and torch.equal(again.get(3), rows[6].half().float())
+    again.close()
+    store.close()
+
+
+def test_an_error_of_another_kind_in_the_writer_is_raised_as_it_is(tmp_path, monkeypatch):
+    BlockingWrites(monkeypatch, fail_at=0, error=RuntimeError("disk driver bug")).release.set()
+    store = SnapshotStore(10, storage="disk", snapshot_dir=tmp_path)
+    store.append(torch.ones(10), step=0, epoch=0)
+    with pytest.raises(RuntimeError, match="disk driver bug"):
+        store.flush()
+    assert len(store) == 0
+    store.close()
+
+
+def test_a_writer_failure_during_training_stops_the_trajectory_and_training_goes_on(tmp_path, monkeypatch):
+    writes = BlockingWrites(monkeypatch, fail_at=4, error=OSError(errno.ENOSPC, "No space left on device"))
+    writes.release.set()
+    cb = TrajectoryPCA(every_n_steps=1, resolution=3, num_batches=1, progress=False, storage="disk")
+    with pytest.warns(LandscapeWarning, match=r"No space left on device.*training goes on.*4 snapshot"):
+        trainer, _, _ = small_fit(tmp_path, [cb], max_epochs=2)
+    assert trainer.global_step == 12  # the whole fit ran
+    assert cb.pca is not None and cb.pca.steps == [0, 1, 2, 3, 12]  # 4 snapshots + the final weights
+
+
+def test_memory_rows_are_prefaulted_ahead_on_the_writer_thread():
+    store = SnapshotStore(1000, dtype="float32", storage="memory", block_rows=8)
+    seen: list[str] = []
+    real = _npy.prefault
+
+    def spy(tensor):
+        seen.append(threading.current_thread().name)
+        return real(tensor)
+
+    blocks = store._blocks
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("lightning_landscape.trajectory.blocks.prefault", spy)
+        store.append(torch.ones(1000), step=0, epoch=0)
+        blocks._worker.wait()
+    assert seen and set(seen) == {"lightning_landscape-snapshots"}
+    assert blocks._faulted > len(store)  # the next snapshot's row is ready before it is taken
+    store.close()
+
+
+def test_auto_dtype_is_float32_for_small_models_and_float16_from_the_threshold():
+    assert SnapshotStore(5_000, storage="memory").dtype == "float32"
+    assert SnapshotStore(AUTO_FLOAT16_PARAMS - 1, dtype="auto", storage="memory").dtype == "float32"
+    big = SnapshotStore(AUTO_FLOAT16_PARAMS, dtype="auto", storage="memory")
+    assert big.dtype == "float16" and big.state_dict()["dtype"] == "float16"  # resumes as what it stored
+    with pytest.raises(ValueError, match=r"`dtype`='half'.*'auto', 'float32', 'float16', 'bfloat16'"):
+        SnapshotStore(4, dtype="half")
+    with pytest.raises(ValueError, match=r"`max_pending`=0"):
+        SnapshotStore(4, max_pending=0)
+    with pytest.raises(ValueError, match=r"`vec` has 2 tensors of 5 elements"):
+        SnapshotStore(4, storage="memory").append([torch.zeros(2), torch.zeros(3)], step=0, epoch=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+def test_deferred_device_copies_are_the_weights_before_the_fenced_change(tmp_path, storage):
+    params = [torch.randn(300, 7, device="cuda"), torch.randn(11, device="cuda")]
+    expected = []
+    store = SnapshotStore(2111, dtype="float16", storage=storage, snapshot_dir=tmp_path, block_rows=2)
+    for k in range(5):
+        expected.append(torch.cat([p.reshape(-1) for p in params]).cpu().half().float())
+        store.append(params, step=k, epoch=0, defer=True)
+        store.fence()  # what TrajectoryPCA does before the optimizer step
+        with warnings.catch_warnings():
+            for p in params:
+                p.mul_(-1.5).add_(1.0)  # the "optimizer step", on the training stream
+    for k in range(5):
+        assert torch.equal(bits(store.get(k)), bits(expected[k]))
+    store.close()
