@@ -34,6 +34,7 @@ MODEL = ["--model", "examples.digits.DigitsClassifier", "--model.channels", "2"]
 DATA = ["--data", "examples.digits.DigitsDataModule", "--data.init_args.num_train", "96"]
 ON_CPU = ["--accelerator", "cpu", "--devices", "1"]
 ON_TWO = ["--accelerator", "cpu", "--devices", "2"]
+SAMPLER_SEED = 3
 LIGHT = (
     "import sys; from lightning_landscape.cli import main; files = sys.argv[1:]; "
     "main(['plot', *files, '-o', 'light']); main(['compare', *files, '-o', 'light']); main(['inspect', files[0]]); "
@@ -217,6 +218,7 @@ def runs(results, checkpoints, tmp_path_factory):
     }
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    env["PL_GLOBAL_SEED"] = str(SAMPLER_SEED)  # Lightning's seed, which DistributedSampler's shuffle takes
     procs = {
         name: subprocess.Popen(
             [sys.executable, *(args if args[0] == "-c" else ["-m", "lightning_landscape", *args])],
@@ -388,12 +390,12 @@ def test_interpolate_on_two_processes_gives_the_values_of_one(runs):
 
 def _ddp_first_step_loss(ckpt_a: Path, ckpt_b: Path, batch_size: int, seed: int = 0) -> float:
     """The curve fit's first loss under two processes, by hand: t and the batch drawn as the fit draws
-    them, each rank's batch from its DistributedSampler shard (shuffled with seed 0), the two batch
+    them, each rank's batch from its DistributedSampler shard (shuffled with Lightning's seed), the two batch
     losses in train mode at the line's point θ(t) (the bends start on it) averaged."""
     dm = DigitsDataModule(num_train=96, batch_size=batch_size)
     dm.setup("fit")
     x, y = dm.train_set.tensors
-    order = torch.randperm(96, generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(SAMPLER_SEED))
     generator = torch.Generator().manual_seed(seed)
     index = int(torch.randperm(48 // batch_size, generator=generator)[0])
     t = float(torch.rand((), generator=generator, dtype=torch.float64))
@@ -418,8 +420,10 @@ def test_connect_on_two_processes_averages_their_losses_and_evaluates_each_sampl
     )
     dm = DigitsDataModule(num_train=96)
     dm.setup("fit")
-    for i, name in ((0, "a"), (-1, "b")):  # the end points' losses over all 96 samples (bn=eval)
-        own = eval_loss(_model_from(checkpoints / f"{name}.ckpt"), dm.train_dataloader())
+    a, b = _model_from(checkpoints / "a.ckpt"), _model_from(checkpoints / "b.ckpt")
+    b.load_state_dict({**b.state_dict(), **dict(a.named_buffers())})  # the curve moves weights only
+    for i, model in ((0, a), (-1, b)):  # the end points' losses over all 96 samples (bn=eval)
+        own = eval_loss(model, dm.train_dataloader())
         assert result.curve["loss"][i] == pytest.approx(own, rel=1e-5) == result.line["loss"][i]
     assert result.metadata["processes"] == 2
 
