@@ -24,8 +24,9 @@ from lightning_landscape._validation import (
     check_seed,
 )
 from lightning_landscape.data import BatchLoss, ForwardFn, LossFn, Reduce, make_batch_loss
+from lightning_landscape.hessian.basis import BASIS_CHOICES, resolve_basis
 from lightning_landscape.hessian.density import slq_density
-from lightning_landscape.hessian.lanczos import default_max_basis, lanczos_extremes
+from lightning_landscape.hessian.lanczos import default_disk_basis, default_max_basis, lanczos_extremes
 from lightning_landscape.hessian.operator import BATCH_LOSS_SIGNATURE, HessianOperator
 from lightning_landscape.hessian.trace import TRACE_METHODS, check_samples, trace_estimate
 from lightning_landscape.params import check_finite_weights, trainable_parameters
@@ -109,6 +110,19 @@ def finite_loss(op: HessianOperator) -> float:
     return loss
 
 
+def basis_settings(basis: str, num_params: int, max_basis: int | None) -> tuple[str, int]:
+    """Where :func:`lanczos_extremes` keeps its basis (``"memory"``/``"disk"``) and its capacity, for metadata.
+
+    Example:
+        >>> basis_settings("auto", 1_986, None), basis_settings("auto", 5_000_000, None)
+        (('memory', 200), ('disk', 200))
+    """
+    where = resolve_basis(basis, num_params, default_max_basis(num_params) if max_basis is None else max_basis)
+    if max_basis is None:
+        max_basis = default_max_basis(num_params) if where == "memory" else default_disk_basis(num_params)
+    return where, max_basis
+
+
 def hessian_check(
     model: nn.Module,
     data: Iterable[Any],
@@ -133,6 +147,7 @@ def hessian_check(
     reduce: Reduce | None = None,
     agree: Callable[[Any], Any] | None = None,
     max_basis: int | None = None,
+    basis: str = "auto",
 ) -> HessianReport:
     """Curvature of the loss at the model's current weights: extreme eigenvalues, trace, spectral density.
 
@@ -183,6 +198,15 @@ def hessian_check(
             200, fewer when that would pass 1 GiB, never fewer than 20 (see
             :func:`default_max_basis`). Should the
             basis fill before convergence, ARPACK (``eigsh``) goes on from the Ritz vectors.
+            With ``basis="disk"`` the default is 200 vectors (at most 8 GiB of file) and there
+            is no ARPACK.
+        basis: where the Lanczos basis lives: ``"memory"`` (float64 in RAM, as above),
+            ``"disk"`` (the same steps with the vectors in the parameters' dtype and the basis in
+            a temporary file streamed back for each orthogonalization: about two vectors plus
+            the products' own memory, whatever the number of steps; see
+            :class:`~lightning_landscape.hessian.basis.DiskLanczos`) or ``"auto"`` (memory while
+            the default in-memory basis fits in 256 MiB, about 168k weights; disk beyond).
+            ``metadata["basis"]`` says which was used.
 
     Returns:
         a :class:`HessianReport`.
@@ -207,6 +231,7 @@ def hessian_check(
     check_positive_int("num_batches", num_batches, allow_none=True)
     check_positive_int("maxiter", maxiter, allow_none=True)
     max_basis = check_positive_int("max_basis", max_basis, allow_none=True)
+    check_choice("basis", basis, BASIS_CHOICES)
     check_choice("trace_method", trace_method, TRACE_METHODS)
     trace_samples = check_samples("trace_samples", trace_samples, trace_method)
     check_positive_int("density_runs", density_runs)
@@ -220,7 +245,7 @@ def hessian_check(
     with preserved_state(model):
         model.eval()
         loss = finite_loss(op)
-        eig = lanczos_extremes(op, top_k, lambda_min, tol, eig_rng, maxiter, max_basis)
+        eig = lanczos_extremes(op, top_k, lambda_min, tol, eig_rng, maxiter, max_basis, basis=basis)
         trace_value = trace_stderr = spectral = None
         if trace:
             trace_value, trace_stderr = trace_estimate(op, trace_samples, trace_method, trace_rng)
@@ -230,8 +255,9 @@ def hessian_check(
                 *slq_density(op, density_runs, density_steps, density_grid_size, density_sigma, bounds, density_rng)
             )
     settings = {"kind": "hessian", "top_k": top_k, "tol": tol, "seed": int(seed), "maxiter": maxiter}
-    max_basis = default_max_basis(op.shape[0]) if max_basis is None else max_basis
-    metadata = {**settings, "max_basis": max_basis, **eig.metadata(), **op.describe(), **_versions.collect()}
+    where, max_basis = basis_settings(basis, op.shape[0], max_basis)
+    metadata = {**settings, "max_basis": max_basis, "basis": where, **eig.metadata(), **op.describe()}
+    metadata.update(_versions.collect())
     if trace:
         metadata.update(trace_method=trace_method, trace_samples=trace_samples)
     if density:

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from lightning_landscape import _versions
-from lightning_landscape._validation import check_positive_float, check_positive_int, check_seed
+from lightning_landscape._validation import check_choice, check_positive_float, check_positive_int, check_seed
 from lightning_landscape.data import BatchLoss, ForwardFn, LossFn, Reduce
 from lightning_landscape.directions import Direction
-from lightning_landscape.hessian.check import finite_loss, resolve_batch_loss, seed_streams
-from lightning_landscape.hessian.lanczos import FLOAT64_BYTES, default_max_basis, lanczos_extremes
+from lightning_landscape.hessian.basis import BASIS_CHOICES
+from lightning_landscape.hessian.check import basis_settings, finite_loss, resolve_batch_loss, seed_streams
+from lightning_landscape.hessian.lanczos import FLOAT64_BYTES, lanczos_extremes
 from lightning_landscape.hessian.operator import HessianOperator
 from lightning_landscape.params import check_finite_weights, trainable_parameters, unflatten_vector
 from lightning_landscape.state import preserved_state
@@ -94,6 +95,7 @@ def hessian_directions(
     max_basis: int | None = None,
     reduce: Reduce | None = None,
     agree: Callable[[Any], Any] | None = None,
+    basis: str = "auto",
 ) -> HessianDirections:
     """The top-``num`` eigenvectors of the Hessian of the loss at the current weights, as plane directions.
 
@@ -119,7 +121,7 @@ def hessian_directions(
 
     Args:
         model: any ``nn.Module``; left exactly as it was (weights, buffers, ``.grad``, modes, RNG).
-        data, loss_fn, forward_fn, batch_loss, num_batches, seed, maxiter, max_basis, reduce, agree: as
+        data, loss_fn, forward_fn, batch_loss, num_batches, seed, maxiter, max_basis, reduce, agree, basis: as
             in :func:`~lightning_landscape.hessian.hessian_check` (``loss_fn(outputs, targets)``, or
             a ``batch_loss(model, batch) -> (mean_loss, n, outputs, targets)``).
         num: how many directions (the top ``num`` eigenvectors), from 1 to the number of weights.
@@ -135,7 +137,9 @@ def hessian_directions(
 
     Memory: the Lanczos basis (as in ``hessian_check``: ``steps × P × 8`` bytes) plus ``num``
     float64 vectors of P numbers, then the directions in the parameters' dtype;
-    ``metadata`` reports ``basis_bytes``, ``vector_bytes``, ``num_hvp``, ``converged``.
+    ``metadata`` reports ``basis_bytes``, ``vector_bytes``, ``num_hvp``, ``converged``. With
+    ``basis="disk"`` (the default above 168k weights) the basis is a temporary file instead
+    (``basis_file_bytes``; ``basis_bytes`` 0) and the vectors are combined from it in chunks.
 
     Returns:
         a :class:`HessianDirections`: ``directions, eigenvalues = hessian_directions(...)``.
@@ -169,6 +173,7 @@ def hessian_directions(
             "per direction (or None for the default cap)."
         )
     max_basis = check_positive_int("max_basis", max_basis, allow_none=True)
+    check_choice("basis", basis, BASIS_CHOICES)
     eig_rng = seed_streams(check_seed("seed", seed))[0]  # hessian_check's eigensolver stream
 
     start = time.perf_counter()
@@ -176,11 +181,12 @@ def hessian_directions(
     with preserved_state(model):
         model.eval()
         loss = finite_loss(op)
-        eig = lanczos_extremes(op, num, False, tol, eig_rng, maxiter, max_basis, vectors=True)
+        eig = lanczos_extremes(op, num, False, tol, eig_rng, maxiter, max_basis, vectors=True, basis=basis)
     vectors, eigenvalues = eig.vectors, eig.top
     if agree is not None:  # float noise must not give two ranks two planes (or two signs)
         vectors, eigenvalues = agree((vectors, eigenvalues))
     vectors = fix_signs(vectors)
+    where, capacity = basis_settings(basis, num_params, max_basis)
     directions = [unflatten_vector(torch.from_numpy(np.ascontiguousarray(v)), params) for v in vectors]
     metadata = {
         "kind": "hessian_directions",
@@ -188,12 +194,14 @@ def hessian_directions(
         "tol": tol,
         "seed": int(seed),
         "maxiter": maxiter,
-        "max_basis": default_max_basis(num_params) if max_basis is None else max_basis,
+        "max_basis": capacity,
+        "basis": where,
         **eig.metadata(),
         "eigenvalues": [float(e) for e in eigenvalues],
         "num_hvp": op.num_hvp,
         "lanczos_steps": eig.steps,
-        "basis_bytes": eig.steps * num_params * FLOAT64_BYTES,
+        "basis_bytes": eig.steps * num_params * FLOAT64_BYTES if where == "memory" else 0,
+        "basis_file_bytes": 0 if where == "memory" else eig.steps * num_params * _itemsize(op),
         "vector_bytes": num * num_params * FLOAT64_BYTES,
         "loss": loss,
         "seconds": time.perf_counter() - start,
@@ -201,3 +209,8 @@ def hessian_directions(
         **_versions.collect(),
     }
     return HessianDirections(directions, np.asarray(eigenvalues, dtype=np.float64), metadata)
+
+
+def _itemsize(op: HessianOperator) -> int:
+    """Bytes per number of a basis vector on disk (the operator's vector dtype)."""
+    return torch.empty(0, dtype=op.vector_dtype).element_size()

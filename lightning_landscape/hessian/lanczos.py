@@ -21,6 +21,7 @@ from scipy.linalg import eigh_tridiagonal
 from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, aslinearoperator, eigsh
 
 from lightning_landscape.errors import ConvergenceWarning
+from lightning_landscape.hessian.basis import DiskLanczos, resolve_basis
 
 #: Gram–Schmidt passes against the whole basis per step: "twice is enough" (Parlett).
 REORTHOGONALIZATIONS = 2
@@ -41,6 +42,9 @@ MIN_BASIS = 20
 BASIS_BYTES = 2**30
 #: Bytes of one float64 number of a basis vector.
 FLOAT64_BYTES = 8
+#: A basis on disk (``basis="disk"``) keeps at most this many bytes of file (but at least
+#: ``MIN_BASIS`` vectors): 200 float32 vectors of up to 10.7M weights.
+DISK_BASIS_BYTES = 2**33
 
 
 def default_max_basis(num_params: int) -> int:
@@ -51,6 +55,16 @@ def default_max_basis(num_params: int) -> int:
         (200, 20)
     """
     return max(MIN_BASIS, min(MAX_BASIS, BASIS_BYTES // (FLOAT64_BYTES * num_params)))
+
+
+def default_disk_basis(num_params: int, itemsize: int = 4) -> int:
+    """The Lanczos basis size on disk when ``max_basis`` is None: at most 200 vectors and, past 20, 8 GiB of file.
+
+    Example:
+        >>> default_disk_basis(5_000_000), default_disk_basis(100_000_000)
+        (200, 21)
+    """
+    return max(MIN_BASIS, min(MAX_BASIS, DISK_BASIS_BYTES // (itemsize * num_params)))
 
 
 class Lanczos:
@@ -91,6 +105,10 @@ class Lanczos:
         self.piece = 0
         self._next = np.empty(0)  # the vector the next step applies op to
         self._residual = np.empty(0)
+
+    def random_vector(self, rng: np.random.Generator) -> np.ndarray:
+        """A start (or restart) vector: ``rng.standard_normal(P)``."""
+        return rng.standard_normal(self.op.shape[0])
 
     def start(self, v0: np.ndarray) -> None:
         """Begin from ``v0`` (normalized here)."""
@@ -187,6 +205,7 @@ def lanczos_extremes(
     maxiter: int | None = None,
     max_basis: int | None = None,
     vectors: bool = False,
+    basis: str = "auto",
 ) -> LanczosResult:
     """The ``top_k`` largest eigenvalues and (``lambda_min``) the smallest, from ONE Lanczos run.
 
@@ -226,6 +245,15 @@ def lanczos_extremes(
     A Ritz vector's angle to the eigenspace of its eigenvalue is at most ρ/gap (Davis–Kahan), so
     it converges more slowly than the eigenvalue (ρ²/gap): ask a smaller ``tol`` for vectors.
 
+    ``basis``: where the basis lives. ``"memory"``: float64 in RAM, as described above.
+    ``"disk"``: :class:`~lightning_landscape.hessian.basis.DiskLanczos`, the same steps with the
+    vectors in the operator's dtype (float32 for a float32 model) and the basis in a temporary
+    file streamed back for each orthogonalization: two vectors and a chunk in memory, whatever the
+    number of steps; its default capacity is :func:`default_disk_basis` vectors, and there is no
+    ARPACK fallback (ARPACK keeps its own float64 basis in memory). ``"auto"`` (default): memory
+    while the default in-memory basis (:func:`default_max_basis`) fits in 256 MiB, else disk
+    (:func:`~lightning_landscape.hessian.basis.resolve_basis`).
+
     Example:
         >>> result = lanczos_extremes(np.diag([-1.0, 0.5, 2.0, 4.0]), 1, True, 1e-6, np.random.default_rng(0))
         >>> round(float(result.top[0]), 9), round(result.low, 9), result.converged
@@ -233,10 +261,14 @@ def lanczos_extremes(
     """
     n = op.shape[0]
     budget = MAXITER_PER_WEIGHT * n if maxiter is None else int(maxiter)
-    max_basis = default_max_basis(n) if max_basis is None else int(max_basis)
-    search = _ExtremesSearch(op, top_k, lambda_min, tol, min(n, max(max_basis, 2 * top_k + 1)))
+    where = resolve_basis(basis, n, default_max_basis(n) if max_basis is None else int(max_basis))
+    if max_basis is None:
+        max_basis = default_max_basis(n) if where == "memory" else default_disk_basis(n)
+    capacity = min(n, max(int(max_basis), 2 * top_k + 1))
+    search = _ExtremesSearch(op, top_k, lambda_min, tol, capacity, where)
     search.run(rng, budget)
     result = search.result(budget, vectors)
+    search.lanczos.release()
     if not result.converged:
         warnings.warn(
             f"Lanczos did not converge to `tol`={tol} within `maxiter`={budget} Hessian-vector products "
@@ -251,13 +283,16 @@ def lanczos_extremes(
 class _ExtremesSearch:
     """One :func:`lanczos_extremes` run: the Lanczos core, the residual test of each end, the restarts."""
 
-    def __init__(self, op: LinearOperator, top_k: int, lambda_min: bool, tol: float, capacity: int) -> None:
+    def __init__(
+        self, op: LinearOperator, top_k: int, lambda_min: bool, tol: float, capacity: int, basis: str = "memory"
+    ) -> None:
         self.op, self.n = aslinearoperator(op), op.shape[0]
         self.agree = getattr(op, "agree", None)  # under DDP: every rank takes rank zero's decisions
         self.top_k, self.lambda_min, self.tol = top_k, lambda_min, tol
         self.eps = float(getattr(op, "eps", np.finfo(np.float64).eps))
         self.need = min(self.n, top_k + 1 if lambda_min else top_k)  # the smallest Ritz value must not be a top-k one
-        self.lanczos = Lanczos(self.op, capacity)
+        # The disk core takes HessianOperator.product (torch, the parameters' dtype), not the float64 matvec.
+        self.lanczos = Lanczos(self.op, capacity) if basis == "memory" else DiskLanczos(op, capacity)
         self.dropped = 0.0  # the couplings β dropped at restarts: each moves a Ritz value by at most that much
         self.top_ok = self.low_ok = False
         self.theta = self.s = np.empty(0)  # the Ritz values of T and their eigenvectors, after the last step
@@ -266,7 +301,7 @@ class _ExtremesSearch:
     def run(self, rng: np.random.Generator, budget: int) -> None:
         """Lanczos steps until both ends converged, the space is exhausted, the basis full or ``budget`` spent."""
         lanczos = self.lanczos
-        lanczos.start(rng.standard_normal(self.n))
+        lanczos.start(lanczos.random_vector(rng))
         while True:
             beta = lanczos.step()
             done, invariant = self._test(beta)
@@ -276,7 +311,7 @@ class _ExtremesSearch:
             if done or j == self.n or j == lanczos.capacity or j >= budget:
                 return
             if invariant:
-                lanczos.restart(rng.standard_normal(self.n))
+                lanczos.restart(lanczos.random_vector(rng))
                 self.dropped += beta
             else:
                 lanczos.extend(beta)
@@ -337,7 +372,8 @@ class _ExtremesSearch:
             ritz[: found.size] = self.lanczos.combine(self.s[:, ::-1][:, : found.size]).T
         low = (float(theta[0]) if j >= self.need else float("nan")) if self.lambda_min else None
         solver, hvp = "lanczos", j
-        if not (self.top_ok and self.low_ok) and j == self.lanczos.capacity < self.n and hvp < budget:
+        full = j == self.lanczos.capacity < self.n and isinstance(self.lanczos, Lanczos)  # ARPACK: in memory only
+        if not (self.top_ok and self.low_ok) and full and hvp < budget:
             solver = "lanczos+arpack"
             top, low, hvp, ritz = self._arpack(top, low, budget - hvp, ritz)
         converged = self.top_ok and self.low_ok

@@ -21,6 +21,8 @@ from lightning_landscape.params import trainable_parameters
 
 #: What a ``batch_loss`` must look like, for the error messages.
 BATCH_LOSS_SIGNATURE = "batch_loss(model, batch) -> (loss, n, outputs, targets)"
+#: Elements per finiteness test in :meth:`HessianOperator.product` (its mask is this many bytes).
+FINITE_CHUNK = 1 << 20
 
 
 def _clone_inference_tensors(batch: Any) -> Any:
@@ -199,6 +201,69 @@ class HessianOperator(LinearOperator):
                 sums[size] += loss.to(torch.float64) * n
                 sums[size + 1] += n
         return sums
+
+    @property
+    def vector_dtype(self) -> torch.dtype:
+        """The dtype of :meth:`product`'s vectors: the parameters' (promoted, at least float32)."""
+        dtype = torch.float32
+        for p in self.params:
+            dtype = torch.promote_types(dtype, p.dtype)
+        return dtype
+
+    def product(self, vector: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """H·``vector`` for a flat tensor of the P weights in torch, with no float64 or numpy copy.
+
+        ``vector`` (``vector_dtype``, on the model's device) is split into views shaped like the
+        parameters, and the batches' products are summed into one new tensor in that dtype,
+        allocated after the first backward pass: at its peak the product holds the vector,
+        autograd's gradient (with its graph) and product, and one temporary of autograd's (about
+        four parameter-sized tensors, measured 4.1 on a 5M-weight MLP), where :meth:`matvec` also
+        holds float64 copies of both vectors and of the sum (11.7 there). The bounded-memory
+        Lanczos (:class:`~lightning_landscape.hessian.basis.DiskLanczos`) uses it; ``reduce`` receives
+        the un-normalized sums with the loss and the sample count
+        appended, in ``vector_dtype``.
+
+        Example:
+            >>> from lightning_landscape.data import make_batch_loss
+            >>> model = nn.Linear(3, 1, bias=False)
+            >>> x = torch.tensor([[1.0, 0, 0], [0, 2, 0], [0, 0, 3]])
+            >>> op = HessianOperator(model.eval(), [(x, torch.zeros(3, 1))], make_batch_loss(nn.functional.mse_loss))
+            >>> op.product(torch.ones(3))  # H = 2 XᵀX / 3
+            tensor([0.6667, 2.6667, 6.0000])
+        """
+        size = self.shape[0]
+        views = [c.view(p.shape).to(dtype=p.dtype) for c, p in zip(torch.split(vector, self._sizes), self.params)]
+        sums: torch.Tensor | None = None
+        with torch.inference_mode(False), torch.enable_grad():
+            for batch in self.batches:
+                loss, n, hv = self._batch_hvp(batch, views)
+                if sums is None:  # only now: during the first backward a new one would be one more vector held
+                    sums = torch.zeros(size + 2, dtype=vector.dtype, device=self.device) if out is None else out.zero_()
+                offset = 0
+                for i, numel in enumerate(self._sizes):
+                    if hv[i] is not None:
+                        sums[offset : offset + numel].add_(hv[i].reshape(-1).to(sums.dtype), alpha=float(n))
+                        hv[i] = None  # free each block as soon as it is summed
+                    offset += numel
+                sums[size] += loss.to(sums.dtype) * n
+                sums[size + 1] += n
+        if sums is None:  # no batches: the count check below says so
+            sums = torch.zeros(size + 2, dtype=vector.dtype, device=self.device)
+        if out is not None and sums is not out:  # a DDP reduce returns a new tensor
+            sums = out.copy_(sums)
+        sums = self._reduce(sums)
+        self.num_hvp += 1
+        count = self._count(float(sums[size + 1]), "Hessian")
+        loss_value = float(sums[size]) / count
+        if not math.isfinite(loss_value):
+            raise ValueError(f"the loss at the model's weights is {loss_value}; the Hessian needs a finite loss.")
+        out = sums[:size].div_(count)
+        for chunk in torch.split(out, FINITE_CHUNK):  # chunked: a whole-vector isfinite mask is a quarter copy
+            if not bool(torch.isfinite(chunk).all()):
+                raise ValueError(
+                    "a Hessian-vector product is not finite although the loss is; the Hessian is not defined here."
+                )
+        return out
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:
         size = self.shape[0]

@@ -16,13 +16,15 @@ from lightning_landscape import _versions
 from lightning_landscape._validation import (
     as_direction_list,
     as_grid_coords,
+    check_choice,
     check_positive_float,
     check_positive_int,
     check_seed,
 )
 from lightning_landscape.data import BatchLoss, ForwardFn, LossFn, Reduce
 from lightning_landscape.directions import Direction, check_direction
-from lightning_landscape.hessian.check import resolve_batch_loss, seed_streams
+from lightning_landscape.hessian.basis import BASIS_CHOICES
+from lightning_landscape.hessian.check import basis_settings, resolve_batch_loss, seed_streams
 from lightning_landscape.hessian.lanczos import lanczos_extremes
 from lightning_landscape.hessian.operator import HessianOperator
 from lightning_landscape.params import Plane, trainable_parameters
@@ -50,6 +52,7 @@ def ratio_map(
     reduce: Reduce | None = None,
     agree: Callable[[Any], Any] | None = None,
     max_basis: int | None = None,
+    basis: str = "auto",
 ) -> Landscape:
     """|λmin/λmax| of the Hessian at every point θ* + αδ (+ βη) of a coarse grid (Li et al. 2018, Fig. 7).
 
@@ -61,7 +64,7 @@ def ratio_map(
 
     Args:
         model: any ``nn.Module``; θ* are its current trainable weights. It is left exactly as it was.
-        data, loss_fn, forward_fn, batch_loss, tol, seed, num_batches, maxiter, reduce, agree, max_basis: as in
+        data, loss_fn, forward_fn, batch_loss, tol, seed, num_batches, maxiter, reduce, agree, max_basis, basis: as in
             :func:`~lightning_landscape.hessian.hessian_check` (batches already on the model's
             device, e.g. a surface evaluator's, are used as they are, not copied).
         directions: one direction or a list of two (see :func:`~lightning_landscape.random_direction`).
@@ -90,11 +93,14 @@ def ratio_map(
     tol = check_positive_float("tol", tol)
     check_positive_int("maxiter", maxiter, allow_none=True)
     max_basis = check_positive_int("max_basis", max_basis, allow_none=True)
+    check_choice("basis", basis, BASIS_CHOICES)
     seed = check_seed("seed", seed)  # before any compute
 
     start = time.perf_counter()
     op = HessianOperator(model, data, batch_loss, num_batches=num_batches, reduce=reduce, agree=agree)
     settings = {"kind": "ratio_map", "tol": tol, "seed": seed, "maxiter": maxiter, "max_basis": max_basis}
+    settings["basis"] = basis_settings(basis, op.shape[0], max_basis)[0]
+    solver = {"maxiter": maxiter, "max_basis": max_basis, "basis": basis}
     landscape = Landscape.empty(grid, RATIO_VALUES, {**settings, **_versions.collect()})
     with preserved_state(model) as state:
         model.eval()
@@ -107,7 +113,7 @@ def ratio_map(
         )
         converged = True
         for idx in bar:
-            converged = _evaluate_point(op, plane, landscape, idx, tol, seed, maxiter, max_basis) and converged
+            converged = _evaluate_point(op, plane, landscape, idx, tol, seed, solver) and converged
     landscape.metadata.update(
         num_hvp=op.num_hvp,
         seconds=time.perf_counter() - start,
@@ -126,10 +132,12 @@ def _evaluate_point(
     idx: tuple[int, ...],
     tol: float,
     seed: int,
-    maxiter: int | None,
-    max_basis: int | None,
+    solver: dict[str, Any],
 ) -> bool:
-    """Move the weights to grid point ``idx`` and store its loss and extremes; return whether Lanczos converged."""
+    """Move the weights to grid point ``idx`` and store its loss and extremes; return whether Lanczos converged.
+
+    ``solver``: ``maxiter``, ``max_basis`` and ``basis`` for :func:`lanczos_extremes`.
+    """
     with torch.inference_mode(False):
         plane.set([float(landscape.coords[axis][i]) for axis, i in enumerate(idx)])
     values = landscape.values
@@ -138,7 +146,7 @@ def _evaluate_point(
     converged = True
     if math.isfinite(loss):
         # A fresh generator per point: every point is the hessian_check of those weights.
-        eig = lanczos_extremes(op, 1, True, tol, seed_streams(seed)[0], maxiter, max_basis)
+        eig = lanczos_extremes(op, 1, True, tol, seed_streams(seed)[0], **solver)
         converged = eig.converged
         values["lambda_max"][idx], values["lambda_min"][idx], values["ratio"][idx] = eig.top[0], eig.low, eig.ratio
     landscape.evaluated[idx] = True  # type: ignore[index]
