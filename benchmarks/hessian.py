@@ -1,6 +1,6 @@
 """Hessian eigenvalues and trace: this package against PyHessian and the exact spectrum, in one run.
 
-    python benchmarks/hessian.py [--channels 8] [--samples 1024] [--max-power-iters 1500]
+    python benchmarks/hessian.py [--channels 8] [--samples 1024] [--max-power-iters 1500] [--memory-batch 64]
 
 Model and data: the digits CNN with BatchNorm of ``examples/digits.py`` (``--channels 8``:
 1,986 weights, so the exact Hessian fits in memory), briefly trained with Adam, and the first
@@ -21,6 +21,15 @@ Printed, side by side:
   stopping rule) with their error against the exact trace;
 - the cost of one HVP in gradient evaluations: median time of one HVP / median time of one
   gradient, over the same cached batches.
+
+Then two more tables (helpers in ``benchmarks/hessian_seeds.py`` and
+``benchmarks/hessian_memory.py``, whose docstrings give the methods):
+- λmax over 8 seeds on the digits CNN and on a 64-24-10 tanh MLP (flattened digits, trained the
+  same way; exact λmax from its dense Hessian too): HVPs of ``hessian_check`` at its defaults
+  (λmax alone), with the old in-memory basis and the bounded-memory disk basis, against the
+  HVPs PyHessian needs with its tol tightened until it returns λmax within 1e-3; medians;
+- peak extra memory of ``hessian_check`` on a 5M-weight MLP in model copies (peak RSS of a fresh
+  child process above its baseline), disk basis (new default at that size) and memory basis (old).
 
 PyHessian has no λmin. Negating the loss does not give it to power iteration (which finds the
 eigenvalue of largest magnitude, λmax here); what is done here is the standard shift: PyHessian's
@@ -57,6 +66,10 @@ from lightning_landscape.hessian import (  # noqa: E402
     trace_estimate,
 )
 from lightning_landscape.surface import make_batch_loss  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hessian_memory import memory_table  # noqa: E402
+from hessian_seeds import digits_mlp, seed_table  # noqa: E402
 
 TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5, 1e-6)
 TARGET_MAX, TARGET_MIN = 1e-3, 1e-2
@@ -223,6 +236,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=8)
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--max-power-iters", type=int, default=1500)
+    parser.add_argument("--memory-batch", type=int, default=64, help="samples of the 5M-MLP memory run (0: skip)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*create_graph=True.*")  # PyHessian's backward(create_graph=True)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -311,6 +325,17 @@ def main() -> None:
         ph.count,
         time.perf_counter() - t,
     )
+    x_flat = x.reshape(len(x), -1)
+    mlp = digits_mlp(x_flat, y)
+    mlp_batches = [(x_flat[i : i + 256], y[i : i + 256]) for i in range(0, len(x), 256)]
+    mlp_lmax = float(np.linalg.eigvalsh(exact_hessian(mlp, mlp_batches))[-1])
+    seeds = seed_table(
+        {"digits CNN": (model, batches, lmax), "64-24-10 tanh MLP": (mlp, mlp_batches, mlp_lmax)},
+        TOLS,
+        power_rule_stop,
+        lambda m, b: CountedPyHessian(copy.deepcopy(m), b),
+    )
+    memory = memory_table(args.memory_batch) if args.memory_batch else []
     load_end = os.getloadavg()[0]
 
     def reached(rows, key, target):
@@ -391,6 +416,8 @@ def main() -> None:
     print(
         f"| PyHessian (backward(create_graph) + grad) | {ph_hvp * 1e3:.1f} | {grad_s * 1e3:.1f} | {ph_hvp / grad_s:.2f} |"
     )
+    print(f"\nexact λmax of the MLP (dense float64 Hessian): {mlp_lmax:.6g}")
+    print("\n".join(seeds + memory))
 
 
 if __name__ == "__main__":

@@ -198,7 +198,8 @@ class DiskLanczos:
             if slot.data_ptr() not in busy:
                 return slot[: self.n]
         # P + 2: HessianOperator.product sums the loss and the sample count behind the product.
-        self._slots.append(torch.empty(self.n + 2, dtype=self.dtype, device=self.device))
+        with torch.inference_mode(False):  # a normal tensor: the product updates it outside inference mode
+            self._slots.append(torch.empty(self.n + 2, dtype=self.dtype, device=self.device))
         self.peak_resident = len(self._slots)
         return self._slots[-1][: self.n]
 
