@@ -28,7 +28,9 @@ T_j| (free: no extra HVP) are <= tol·|θ|, which puts an eigenvalue within tol�
 Krylov method (ARPACK's included), Lanczos can report a neighbouring eigenvalue when the start
 vector barely touches the extreme eigenvector and the two are close. The basis costs steps × P × 8
 bytes; when it reaches ``max_basis`` vectors before convergence, ARPACK (``eigsh``) takes over
-from the Ritz vectors.
+from the Ritz vectors. Beyond 168k weights (``basis="auto"``) the basis goes to an unnamed
+temporary file instead (:class:`DiskLanczos`, in :mod:`~lightning_landscape.hessian.basis`):
+the same steps and products with the vectors in the parameters' dtype, two of them in memory.
 
 The package knows nothing of Lightning: the loss is a :data:`~lightning_landscape.data.BatchLoss`,
 so a callback can plug a LightningModule's own step in.
@@ -42,6 +44,7 @@ Example:
     (4.0, 1.0)
 """
 
+from lightning_landscape.hessian.basis import BASIS_CHOICES, DiskLanczos, resolve_basis
 from lightning_landscape.hessian.check import hessian_check, seed_streams
 from lightning_landscape.hessian.density import slq_density, slq_nodes
 from lightning_landscape.hessian.directions import HessianDirections, hessian_directions
@@ -60,8 +63,10 @@ from lightning_landscape.results.hessian import HessianReport, SpectralDensity
 
 __all__ = [
     "BASIS_BYTES",
+    "BASIS_CHOICES",
     "MAX_BASIS",
     "TRACE_METHODS",
+    "DiskLanczos",
     "HessianDirections",
     "HessianOperator",
     "HessianReport",
@@ -75,6 +80,7 @@ __all__ = [
     "hutchpp",
     "lanczos_extremes",
     "ratio_map",
+    "resolve_basis",
     "seed_streams",
     "slq_density",
     "slq_nodes",

@@ -231,8 +231,7 @@ def hessian_check(
     check_positive_int("num_batches", num_batches, allow_none=True)
     check_positive_int("maxiter", maxiter, allow_none=True)
     max_basis = check_positive_int("max_basis", max_basis, allow_none=True)
-    check_choice("basis", basis, BASIS_CHOICES)
-    check_choice("trace_method", trace_method, TRACE_METHODS)
+    check_choice("basis", basis, BASIS_CHOICES), check_choice("trace_method", trace_method, TRACE_METHODS)
     trace_samples = check_samples("trace_samples", trace_samples, trace_method)
     check_positive_int("density_runs", density_runs)
     check_positive_int("density_steps", density_steps)
@@ -255,9 +254,8 @@ def hessian_check(
                 *slq_density(op, density_runs, density_steps, density_grid_size, density_sigma, bounds, density_rng)
             )
     settings = {"kind": "hessian", "top_k": top_k, "tol": tol, "seed": int(seed), "maxiter": maxiter}
-    where, max_basis = basis_settings(basis, op.shape[0], max_basis)
-    metadata = {**settings, "max_basis": max_basis, "basis": where, **eig.metadata(), **op.describe()}
-    metadata.update(_versions.collect())
+    settings["basis"], settings["max_basis"] = basis_settings(basis, op.shape[0], max_basis)
+    metadata = {**settings, **eig.metadata(), **op.describe(), **_versions.collect()}
     if trace:
         metadata.update(trace_method=trace_method, trace_samples=trace_samples)
     if density:

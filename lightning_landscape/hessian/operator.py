@@ -204,7 +204,14 @@ class HessianOperator(LinearOperator):
 
     @property
     def vector_dtype(self) -> torch.dtype:
-        """The dtype of :meth:`product`'s vectors: the parameters' (promoted, at least float32)."""
+        """The dtype of :meth:`product`'s vectors: the parameters' (promoted, at least float32).
+
+        Example:
+            >>> from lightning_landscape.data import make_batch_loss
+            >>> data = [(torch.ones(4, 2), torch.ones(4, 1))]
+            >>> HessianOperator(nn.Linear(2, 1), data, make_batch_loss(nn.functional.mse_loss)).vector_dtype
+            torch.float32
+        """
         dtype = torch.float32
         for p in self.params:
             dtype = torch.promote_types(dtype, p.dtype)
