@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
@@ -49,6 +50,9 @@ MAX_BLOCK_ROWS = 1024
 # Memory rows are pre-faulted this far (at least one row) ahead of the snapshot count: enough that the
 # next snapshot's row is always ready, little enough that spare rows cost little.
 PREFAULT_BYTES = 16 * 2**20
+# After a spill, each new disk row is queued behind at most this many of the old rows: the spill drains
+# in the background, a few rows per snapshot, instead of stalling the next snapshot behind all of them.
+SPILL_PER_WRITE = 2
 
 
 class SnapshotBlocks:
@@ -110,6 +114,7 @@ class SnapshotBlocks:
         self._fence: tuple[Any, torch.device] | None = None  # a device copy the training stream still has to wait for
         self._faulted = 0  # memory rows [0, _faulted) are pre-faulted...
         self._fault_asked = 0  # ...and [_faulted, _fault_asked) are queued for it
+        self._spill: deque[tuple[int, torch.Tensor]] = deque()  # memory rows still to write to disk
 
     @property
     def files(self) -> list[Path]:
@@ -186,7 +191,8 @@ class SnapshotBlocks:
     def spill_to_disk(self, count: int) -> None:
         """Move the first ``count`` rows, held in memory, to disk files, once; later rows go to disk.
 
-        The worker writes them, in the background; each memory block is freed once its rows are written.
+        The worker writes them in the background, a few ahead of each new row (all at :meth:`flush`);
+        each memory block is freed once its rows are written.
         """
         old = self.blocks
         self.blocks, self.capacity, self.storage = [], 0, "disk"
@@ -195,10 +201,16 @@ class SnapshotBlocks:
         row = 0
         for block in old:
             for r in range(min(block.rows, count - row)):
-                index, target_row = self._locate(row)
-                write = partial(self._writer.write, index, self.blocks[index], target_row, block.tensor[r])  # type: ignore[index]
-                self._worker.submit(row, write)
+                self._spill.append((row, block.tensor[r]))  # type: ignore[index]
                 row += 1
+
+    def _drain_spill(self, rows: int | None = None) -> None:
+        """Queue up to ``rows`` (``None``: all) of the spilled memory rows for writing."""
+        while self._spill and (rows is None or rows > 0):
+            row, tensor = self._spill.popleft()
+            index, target_row = self._locate(row)
+            self._worker.submit(row, partial(self._writer.write, index, self.blocks[index], target_row, tensor))
+            rows = None if rows is None else rows - 1
 
     def _locate(self, i: int) -> tuple[int, int]:
         """(block index, row within the block) of row ``i``."""
@@ -234,6 +246,7 @@ class SnapshotBlocks:
         except BaseException:
             self._staging.release(buf)
             raise
+        self._drain_spill(SPILL_PER_WRITE)
         self._worker.submit(i, partial(self._writer.write, index, block, row, buf), partial(self._staging.release, buf))
 
     def _write_from_device(self, i: int, tensors: Sequence[torch.Tensor], defer: bool) -> None:
@@ -267,6 +280,7 @@ class SnapshotBlocks:
             land = partial(_land_in_memory, event, block.tensor[row], buf)
         else:
             land = partial(_land_on_disk, event, self._writer, index, block, row, buf)
+            self._drain_spill(SPILL_PER_WRITE)
         self._worker.submit(i, land, partial(self._pinned.release, buf))
 
     def fence(self) -> None:
@@ -279,6 +293,7 @@ class SnapshotBlocks:
     def flush(self) -> None:
         """Wait for the worker, then free the row buffers: every row written so far is in its block."""
         self.fence()
+        self._drain_spill()
         self._worker.wait()
         self._writer.close()  # the worker is idle: nobody writes to the file now
         self._staging.clear()
@@ -287,7 +302,10 @@ class SnapshotBlocks:
 
     def take_error(self) -> tuple[int, BaseException] | None:
         """``(first row not stored, error)`` of a failed background task (once the queue has run out), or ``None``."""
-        return self._worker.take_error()
+        failure = self._worker.take_error()
+        if failure is not None:
+            self._spill.clear()  # rows past the failure: not stored, and later appends take their places
+        return failure
 
     @property
     def failed(self) -> bool:
