@@ -294,11 +294,81 @@ def test_another_architecture_fails_at_fit_start_before_any_step(tmp_path):
     assert probe.steps == 0
 
 
-def test_more_than_one_process_is_refused_at_setup(other_ckpt):
-    trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", logger=False)
-    cb = ModeConnectivity(other=other_ckpt)
-    with pytest.raises(MisconfigurationException, match=r"does not support strategy DDPStrategy with 2 processes"):
-        cb.setup(trainer, DigitsClassifier(channels=2), "fit")
+DDP_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.getcwd())
+import pytorch_lightning as pl
+import torch
+from examples.digits import DigitsClassifier, DigitsDataModule
+from lightning_landscape.callbacks.connect import ModeConnectivity
+
+def main():
+    out = Path(sys.argv[1])
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    cb = ModeConnectivity(other=sys.argv[2], epochs=2, lr=0.05, points=5, bn="eval", plane_resolution=3,
+                          num_batches=None, progress=False, on_error="raise", dirpath=str(out / "files"))
+    trainer = pl.Trainer(
+        strategy="ddp", devices=2, accelerator="cpu", max_epochs=1, callbacks=[cb], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+    )
+    trainer.fit(DigitsClassifier(channels=2), DigitsDataModule(batch_size=32, num_train=128, shuffle=False))
+    r = cb.result
+    result = {"history": r.history.tolist(), "curve": r.curve["loss"].tolist(), "plane": cb.plane.loss.tolist(),
+              "num_samples": r.metadata["num_samples"]}
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    if trainer.is_global_zero:
+        torch.save({k: v.cpu() for k, v in trainer.lightning_module.state_dict().items()}, out / "final.pt")
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+def test_under_ddp_the_processes_fit_one_curve_on_their_shards(other_ckpt, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_connect.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(other_ckpt)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # the same steps on both: one curve, one evaluation
+    assert len(ranks[0]["history"]) == 4 and ranks[0]["num_samples"] == 128  # 2 epochs x 2 batches of 32 each
+    w1 = DigitsClassifier(channels=2)
+    w1.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True))
+    w2 = DigitsClassifier(channels=2)
+    w2.load_state_dict(torch.load(other_ckpt, weights_only=False)["state_dict"])
+    dm = DigitsDataModule(batch_size=32, num_train=128, shuffle=False)
+    dm.setup("fit")
+    x, y = dm.train_set.tensors
+    with torch.no_grad():  # w₁ over all 128 samples once (bn="eval": w₁'s own statistics)
+        assert ranks[0]["curve"][0] == pytest.approx(float(F.cross_entropy(w1.eval()(x), y)), rel=1e-5)
+    # The first step by hand: t and the batch as the fit draws them from its seed, each process's
+    # batch k of its shard (every other sample: no shuffling), train mode at the line's point θ(t)
+    # (the bend starts on it), the two processes' losses averaged.
+    generator = torch.Generator().manual_seed(0)
+    k = int(torch.randperm(2, generator=generator)[0])
+    t = float(torch.rand((), generator=generator, dtype=torch.float64))
+    point = copy.deepcopy(w1).train()
+    with torch.no_grad():
+        for p, q in zip(point.parameters(), w2.parameters()):
+            p.copy_((1 - t) * p + t * q)
+        losses = [
+            float(F.cross_entropy(point(x[r::2][32 * k : 32 * k + 32]), y[r::2][32 * k : 32 * k + 32])) for r in (0, 1)
+        ]
+    assert ranks[0]["history"][0] == pytest.approx(sum(losses) / 2, rel=1e-5)
+    assert CurveResult.load(tmp_path / "files" / "connect.npz").history.tolist() == ranks[0]["history"]
 
 
 def test_the_core_takes_the_module_loss_as_a_batch_loss():

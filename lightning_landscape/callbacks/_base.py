@@ -397,27 +397,30 @@ class LandscapeCallback(Callback):
         BatchNorm policy ``bn`` (``"recompute"`` averages the statistics over all processes' batches;
         a module without BatchNorm was warned about at fit start). Returns it with the name of the
         loss source."""
-        loader = _lightning.fit_dataloader(trainer, self.data)
-        if loader is None:
-            raise MisconfigurationException(f"no {self.data} dataloader is available at this point of the fit.")
-        device = trainer.strategy.root_device
-        # Through the precision plugin's input conversion, as Lightning feeds training_step:
-        # under "64-true"/"bf16-true" the model's dtype is not the loader's.
-        convert = trainer.precision_plugin.convert_input
-        limit = self.num_batches if num_batches == -1 else num_batches
-        batches = [convert(batch) for batch in cache_batches(loader, device, limit)]
+        batches = self.cached_batches(trainer, num_batches)
         # DistributedSampler's padding repeats samples of other shards: each sample is counted once.
-        batches = drop_padding(batches, loader)
+        batches = drop_padding(batches, _lightning.fit_dataloader(trainer, self.data))
         batch_loss, source = module_batch_loss(pl_module, self.loss_fn, want_outputs=bool(metrics))
         evaluator = GridEvaluator(
             batches,
             batch_loss,
             metrics=list(metrics),
-            device=device,
+            device=trainer.strategy.root_device,
             reduce=Collectives(trainer).reduce,
             bn=bn if has_batchnorm(pl_module) else "eval",
         )
         return evaluator, source
+
+    def cached_batches(self, trainer: pl.Trainer, num_batches: int | None = -1) -> list[Any]:
+        """This process's batches of the fit's ``self.data`` loader (DistributedSampler padding included),
+        on the strategy's device and through the precision plugin's input conversion, as Lightning
+        feeds ``training_step`` (under ``"64-true"``/``"bf16-true"`` the model's dtype is not the loader's)."""
+        loader = _lightning.fit_dataloader(trainer, self.data)
+        if loader is None:
+            raise MisconfigurationException(f"no {self.data} dataloader is available at this point of the fit.")
+        convert = trainer.precision_plugin.convert_input
+        limit = self.num_batches if num_batches == -1 else num_batches
+        return [convert(batch) for batch in cache_batches(loader, trainer.strategy.root_device, limit)]
 
     # --- output --------------------------------------------------------------------------------
 

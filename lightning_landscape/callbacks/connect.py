@@ -109,10 +109,11 @@ class ModeConnectivity(LandscapeCallback):
     ``<name>_plane.npz`` (the plane's :class:`~lightning_landscape.Landscape`) in ``dirpath`` and as
     a W&B artifact of type ``curve``.
 
-    Not DDP-aware: the curve fit takes its steps on one process's batches without all-reducing
-    the bends' gradients, so every rank would fit a different curve. A fit with more than one
-    process (``ddp``, ``ddp_spawn``, ...) is refused at ``setup``; run the comparison after training,
-    on one device, or with :func:`~lightning_landscape.connect.connect`.
+    Under DDP every process fits on its own shard of the data and the bends' gradients (and the
+    logged loss) are averaged over the processes at every step, as DDP does for the model: all
+    processes take the same steps and hold the same curve. Evaluations count every sample once
+    (the DistributedSampler's padding is dropped from them; the fit keeps it, so every process
+    takes the same number of steps). ``num_batches`` is per process.
 
     Args:
         other: w₂: the path of a Lightning ``.ckpt`` of the same LightningModule or of a
@@ -136,7 +137,7 @@ class ModeConnectivity(LandscapeCallback):
 
     Raises:
         MisconfigurationException: an invalid argument or a missing ``other`` file (``__init__``);
-            more than one process (``setup``); ``other`` of another architecture, metrics that do
+            ``other`` of another architecture, metrics that do
             not fit the outputs (``on_fit_start``, before any training step).
 
     Example:
@@ -221,17 +222,6 @@ class ModeConnectivity(LandscapeCallback):
     # --- hooks --------------------------------------------------------------------------------
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.enabled and stage == "fit" and trainer.world_size > 1:
-            raise MisconfigurationException(
-                f"{type(self).__name__} does not support strategy {type(trainer.strategy).__name__} with "
-                f"{trainer.world_size} processes: the curve fit does not all-reduce the bends' gradients, so each "
-                "process would fit its own curve. Run it on one device (devices=1), or after training with "
-                "lightning_landscape.connect.connect."
-            )
-        super().setup(trainer, pl_module, stage)
-
-    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if not self.enabled:
@@ -272,11 +262,12 @@ class ModeConnectivity(LandscapeCallback):
                 pl_module,
                 pl_module,  # w₁: the module's weights now (the core copies them)
                 other,
-                evaluator.batches,
+                self._fit_batches(trainer, evaluator.batches),
                 batch_loss=module_batch_loss(pl_module, self.loss_fn, want_outputs=False)[0],
                 **self.fit_options,
                 progress=progress,
                 on_step=self._step_logger(trainer),
+                reduce=evaluator.reduce if trainer.world_size > 1 else None,
             )
             result = curve_result_from_evaluator(pl_module, curve, evaluator, self.ts, progress=progress)
             plane = self._plane(pl_module, curve, evaluator, progress) if self.with_plane else None
@@ -288,6 +279,11 @@ class ModeConnectivity(LandscapeCallback):
         if trainer.is_global_zero:
             self.files = self.publish(trainer, result, plane)
         return result
+
+    def _fit_batches(self, trainer: pl.Trainer, evaluated: list[Any]) -> list[Any]:
+        """The fit's batches: the evaluator's, or under DDP this shard with its padding (see ``cached_batches``),
+        as the padding can leave a process one batch short and every process must take the same steps."""
+        return evaluated if trainer.world_size == 1 else self.cached_batches(trainer)
 
     def _plane(self, pl_module: pl.LightningModule, curve: Curve, evaluator: Any, progress: bool | None) -> Landscape:
         return curve_plane(
@@ -301,6 +297,7 @@ class ModeConnectivity(LandscapeCallback):
             bn=evaluator.bn,  # "eval" for a module without BatchNorm (warned about at fit start)
             curve_points=len(self.ts),
             progress=progress,
+            reduce=evaluator.reduce,
         )
 
     def _step_logger(self, trainer: pl.Trainer) -> Callable[[int, float], None] | None:
