@@ -105,9 +105,7 @@ def dtype_check(sizes: list[str], epochs: int, lrs: list[float]) -> list[dict]:
 
 def print_dtype_table(results: list[dict]) -> None:
     """The markdown table of :func:`dtype_check`."""
-    print(
-        "\n## Explained variance of PC1/PC2: 16-bit storage against float32 (the same path, max over PC1, PC2)\n"
-    )
+    print("\n## Explained variance of PC1/PC2: 16-bit storage against float32 (the same path, max over PC1, PC2)\n")
     print("| model | parameters | lr | snapshots | EVR (float32) | abs. change float16 | abs. change bfloat16 |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
@@ -123,3 +121,174 @@ def print_dtype_table(results: list[dict]) -> None:
         f"float16 {'within' if worst16 < EVR_TOLERANCE else 'OUTSIDE'}, "
         f"bfloat16 {'within' if worstbf < EVR_TOLERANCE else 'OUTSIDE'}"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# training slowdown at real sizes
+
+#: name -> (architecture, width, epochs, training samples): MLPs (64 -> w -> w -> 10, the fewest FLOPs per
+#: weight, so the harshest case for a per-step snapshot) and the digits CNN widened, as in issue 17.
+MODELS = {
+    "cnn-5k": ("cnn", 16, 5, None),
+    "mlp-1M": ("mlp", 950, 6, None),
+    "mlp-10M": ("mlp", 3100, 2, None),
+    "cnn-1M": ("cnn", 320, 2, 640),
+    "cnn-10M": ("cnn", 1050, 2, 384),
+}
+TARGETS = {"step": 0.03, "epoch": 0.005}
+HOOKS = ("on_train_batch_end", "on_train_epoch_end", "on_before_optimizer_step", "on_validation_start", "on_train_end")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time, "process": time.process_time}
+
+
+def sized_module(name: str):
+    """A LightningModule of ``MODELS[name]``: SGD (lr 0.05, momentum 0.9), cross-entropy on the digits."""
+    import pytorch_lightning as pl
+    from torch import nn
+    from torch.nn import functional as F
+
+    from examples.digits import digits_cnn
+
+    kind, width = MODELS[name][:2]
+    net = (
+        digits_cnn(width)
+        if kind == "cnn"
+        else nn.Sequential(
+            nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
+        )
+    )
+
+    class Sized(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", F.cross_entropy(self.net(batch[0]), batch[1]))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    return Sized()
+
+
+def _timed(trajectory, calls: dict[str, list[float]]) -> None:
+    """Wrap the callback's hooks: the training thread's CPU time of every call, per hook."""
+    for hook in HOOKS:
+        original = getattr(trajectory, hook)
+        calls[hook] = []
+
+        def timed(*args, _original=original, _calls=calls[hook], **kwargs):
+            c = time.thread_time()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                _calls.append(time.thread_time() - c)
+
+        setattr(trajectory, hook, timed)
+
+
+def train_once(name: str, variant: str, tmp: str, epochs: int | None = None) -> dict:
+    """One fit: training time on three clocks, the snapshot hooks' call times, the store's dtype and storage."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
+
+    from examples.digits import DigitsDataModule
+    from lightning_landscape import TrajectoryPCA
+
+    class TrainTimer(Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.start = {k: clock() for k, clock in CLOCKS.items()}
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.seconds = {k: clock() - self.start[k] for k, clock in CLOCKS.items()}
+
+    class StoreFacts(Callback):  # after the trajectory's fit end: its store is still open
+        def on_fit_end(self, trainer, pl_module) -> None:
+            store = trajectory.store if trajectory is not None else None
+            self.facts = {} if store is None else {"dtype": store.dtype, "storage": store.storage, "k": len(store)}
+
+    timer, facts = TrainTimer(), StoreFacts()
+    calls: dict[str, list[float]] = {}
+    trajectory = None
+    if variant != "none":
+        every = {"every_n_steps": 1} if variant == "step" else {"every_n_epochs": 1}
+        # Default storage ("auto", 1024 MiB, then disk) and dtype ("auto"); the fit-end analysis (3x3 grid on
+        # one batch) is not timed.
+        trajectory = TrajectoryPCA(**every, resolution=3, num_batches=1, dirpath=tmp, progress=False)
+        _timed(trajectory, calls)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        max_epochs=epochs or MODELS[name][2],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer, *([trajectory] if trajectory else []), facts],
+        default_root_dir=tmp,
+    )
+    data = DigitsDataModule(batch_size=64, num_train=MODELS[name][3])
+    trainer.fit(sized_module(name), datamodule=data)
+    return {"train": timer.seconds, "calls": calls, "steps": trainer.global_step, **facts.facts}
+
+
+def training_benchmark(names: list[str], repeats: int) -> dict[str, dict[str, list[dict]]]:
+    """Per model: plain, every-step and every-epoch fits, interleaved with the order rotated, after a warm-up."""
+    import tempfile
+
+    variants = ["none", "step", "epoch"]
+    out: dict[str, dict[str, list[dict]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            runs: dict[str, list[dict]] = {v: [] for v in variants}
+            for v in variants:  # warm-up: first-call allocations, data loading
+                train_once(name, v, tmp, epochs=1)
+            for r in range(repeats):
+                for v in variants[r % 3 :] + variants[: r % 3]:  # no variant always runs first
+                    runs[v].append(train_once(name, v, tmp))
+            out[name] = runs
+            print(f"[{name} done]", file=sys.stderr, flush=True)
+    return out
+
+
+def print_training_table(runs: dict[str, dict[str, list[dict]]]) -> None:
+    """One markdown row per model and schedule: slowdowns (paired, medians over repeats) and hook times."""
+    print(
+        "| model | parameters | plain step, CPU (ms) | TrajectoryPCA | stored as | snapshot, CPU (ms) "
+        "| hooks, CPU share | paired slowdown: wall | paired: training-thread CPU | paired: process CPU "
+        "| target | met (hooks) | met (wall) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, by_variant in runs.items():
+        base = {c: np.array([r["train"][c] for r in by_variant["none"]]) for c in CLOCKS}
+        steps = by_variant["none"][0]["steps"]
+        params = sum(p.numel() for p in sized_module(name).parameters())
+        for variant, label, hook in (
+            ("step", "every_n_steps=1", "on_train_batch_end"),
+            ("epoch", "every_n_epochs=1", "on_train_epoch_end"),
+        ):
+            rs = by_variant[variant]
+            paired = {c: np.median(np.array([r["train"][c] for r in rs]) / base[c] - 1) for c in CLOCKS}
+            share = float(np.median([sum(sum(v) for v in r["calls"].values()) / r["train"]["cpu"] for r in rs]))
+            per_call = np.median(
+                [np.median(r["calls"][hook]) if variant == "step" else max(r["calls"][hook]) for r in rs]
+            )
+            target = TARGETS[variant]
+            print(
+                f"| {name} | {params:,} | {1e3 * np.median(base['cpu']) / steps:.1f} | {label} "
+                f"| {rs[0].get('dtype')}, {rs[0].get('storage')} ({rs[0].get('k')} snapshots) | {1e3 * per_call:.2f} "
+                f"| {100 * share:.2f} % | {100 * paired['wall']:+.2f} % | {100 * paired['cpu']:+.2f} % "
+                f"| {100 * paired['process']:+.2f} % | <= {100 * target:g} % | {'yes' if share <= target else 'no'} "
+                f"| {'yes' if paired['wall'] <= target else 'no'} |"
+            )
+    for name, by_variant in runs.items():
+        for clock in ("wall", "cpu"):
+            t = np.array([r["train"][clock] for r in by_variant["none"]])
+            spread = (np.percentile(t, 75) - np.percentile(t, 25)) / np.median(t)
+            print(
+                f"{name}: plain runs' {clock} spread (IQR / median) {100 * spread:.1f} %, median {np.median(t):.2f} s"
+            )

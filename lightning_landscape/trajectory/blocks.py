@@ -154,13 +154,18 @@ class SnapshotBlocks:
     def prefault_ahead(self, count: int, budget_rows: int | None = None) -> None:
         """Have the worker pre-fault the memory rows the next snapshots take (about 16 MiB past ``count``).
 
-        Blocks are added for them within ``budget_rows``, never past it (that would spill).
+        In chunks: nothing is queued while more than half of that is still ready, so a small model's
+        snapshots do not each wake the worker. Blocks are added for them within ``budget_rows``,
+        never past it (that would spill).
         """
         if self.storage != "memory":
             return
-        target = count + max(1, PREFAULT_BYTES // (self.num_params * self.itemsize))
+        ahead = max(1, PREFAULT_BYTES // (self.num_params * self.itemsize))
+        target = count + ahead
         if budget_rows is not None:
             target = min(target, budget_rows)
+        if self._fault_asked > count + ahead // 2 or self._fault_asked >= target:
+            return
         if target > self.capacity:
             self.reserve(target, count, budget_rows)
         first = 0
@@ -231,7 +236,8 @@ class SnapshotBlocks:
         """
         device = tensors[0].device
         if device.type == "cuda" and torch.cuda.is_available() and all(t.device == device for t in tensors):
-            self._write_from_device(i, tensors, defer)
+            with torch.no_grad():
+                self._write_from_device(i, tensors, defer)
             return
         index, row = self._locate(i)
         block = self.blocks[index]

@@ -161,8 +161,8 @@ def check_prefix(prefix: Any) -> None:
 
 
 def check_snapshot_tensors(vec: Any, num_params: int) -> list[torch.Tensor]:
-    """``vec`` as a list of detached tensors: a 1-D floating tensor of ``num_params`` elements, or a list/tuple
-    of floating tensors of ``num_params`` elements together (the parameters); else ``ValueError`` naming ``vec``.
+    """``vec`` as a list of tensors: a 1-D floating tensor of ``num_params`` elements, or a list/tuple of
+    floating tensors of ``num_params`` elements together (the parameters); else ``ValueError`` naming ``vec``.
 
     Example:
         >>> [t.shape for t in check_snapshot_tensors([torch.zeros(2, 2), torch.zeros(1)], 5)]
@@ -170,13 +170,20 @@ def check_snapshot_tensors(vec: Any, num_params: int) -> list[torch.Tensor]:
     """
     if isinstance(vec, torch.Tensor):
         if vec.is_floating_point() and vec.dim() == 1 and vec.numel() == num_params:
-            return [vec.detach()]
+            return [vec]
         got = f"shape {tuple(vec.shape)} and dtype {vec.dtype}"
-    elif isinstance(vec, (list, tuple)) and vec and all(isinstance(t, torch.Tensor) for t in vec):
-        if all(t.is_floating_point() for t in vec) and sum(t.numel() for t in vec) == num_params:
-            return [t.detach() for t in vec]
-        dtypes = sorted({str(t.dtype) for t in vec})
-        got = f"{len(vec)} tensors of {sum(t.numel() for t in vec)} elements and dtypes {dtypes}"
+    elif isinstance(vec, (list, tuple)) and vec:
+        total, ok = 0, True
+        for t in vec:  # one pass: this runs at every snapshot
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                ok = False
+                break
+            total += t.numel()
+        if ok and total == num_params:
+            return list(vec)
+        kinds = sorted({str(t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__ for t in vec})
+        numel = sum(t.numel() for t in vec if isinstance(t, torch.Tensor))
+        got = f"{len(vec)} tensors of {numel} elements and dtypes {kinds}"
     else:
         got = type(vec).__name__
     raise ValueError(
