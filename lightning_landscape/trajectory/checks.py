@@ -20,7 +20,7 @@ STORAGES: tuple[str, ...] = ("auto", "memory", "disk")
 #: The ``dtype`` choices of a store: a storage dtype, or ``"auto"`` (see :func:`resolve_dtype`).
 DTYPE_CHOICES: tuple[str, ...] = ("auto", *DTYPES)
 #: ``dtype="auto"`` stores float16 from this many parameters, float32 below. Measured with
-#: ``python benchmarks/trajectory.py --only dtype`` (digits CNNs of 5k, 1M and 10M weights, SGD at
+#: ``python benchmarks/trajectory.py --parts dtype`` (digits CNNs of 5k, 1M and 10M weights, SGD at
 #: lr 0.05 and 0.005, snapshots every step and every epoch): float16 storage changes the
 #: explained-variance ratios of PC1 and PC2 by at most 1.6e-5 (bfloat16: up to 8.2e-4), against
 #: the 1e-3 allowed. Below the threshold a float32 snapshot is under 2 MB and costs little anyway.
