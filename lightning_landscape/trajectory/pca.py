@@ -191,7 +191,8 @@ def _gram_spectrum(matrix: _TrajectoryMatrix) -> tuple[torch.Tensor, torch.Tenso
     if not bool(torch.isfinite(gram).all()):
         raise ValueError(
             "the snapshots hold NaN or Inf weights (training diverged?), so the trajectory has no principal "
-            "directions; lower the learning rate, or record snapshots only up to the divergence."
+            "directions; lower the learning rate, or record snapshots only up to the divergence "
+            "(float16 storage, also dtype='auto' from 500,000 weights, holds only |w| <= 65504: use 'bfloat16')."
         )
     evals, evecs = torch.linalg.eigh(gram)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)  # decreasing
