@@ -345,10 +345,12 @@ class TrajectoryPCA(LandscapeCallback):
             return
         # On a GPU the training stream waits for the copy at the next optimizer step; after an epoch's
         # last batch it waits now, since epoch-end hooks of other callbacks may change the weights.
-        defer = not _lightning.is_last_batch(trainer)
+        # (``defer`` is passed only where it means something: CPU snapshots are copied before append returns.)
+        cuda = bool(self._params) and self._params[0].is_cuda
+        defer = {"defer": not _lightning.is_last_batch(trainer)} if cuda else {}
         store = self.store
         self._store_call(
-            lambda: store.append(self._params, step=trainer.global_step, epoch=epochs_done, defer=defer),  # type: ignore[union-attr]
+            lambda: store.append(self._params, step=trainer.global_step, epoch=epochs_done, **defer),  # type: ignore[union-attr]
             trainer,
         )
 
