@@ -317,7 +317,8 @@ def main():
     trainer.fit(DigitsClassifier(channels=2), DigitsDataModule(batch_size=32, num_train=128, shuffle=False))
     r = cb.result
     result = {"history": r.history.tolist(), "curve": r.curve["loss"].tolist(), "plane": cb.plane.loss.tolist(),
-              "num_samples": r.metadata["num_samples"]}
+              "num_samples": r.metadata["num_samples"],
+              "shard": [int(i) for i in trainer.train_dataloader.sampler]}  # Lightning's DistributedSampler
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
     if trainer.is_global_zero:
         torch.save({k: v.cpu() for k, v in trainer.lightning_module.state_dict().items()}, out / "final.pt")
@@ -343,6 +344,8 @@ def test_under_ddp_the_processes_fit_one_curve_on_their_shards(other_ckpt, tmp_p
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    shards = [ranks[r].pop("shard") for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == list(range(128))
     assert ranks[0] == ranks[1]  # the same steps on both: one curve, one evaluation
     assert len(ranks[0]["history"]) == 4 and ranks[0]["num_samples"] == 128  # 2 epochs x 2 batches of 32 each
     w1 = DigitsClassifier(channels=2)
@@ -355,7 +358,7 @@ def test_under_ddp_the_processes_fit_one_curve_on_their_shards(other_ckpt, tmp_p
     with torch.no_grad():  # w₁ over all 128 samples once (bn="eval": w₁'s own statistics)
         assert ranks[0]["curve"][0] == pytest.approx(float(F.cross_entropy(w1.eval()(x), y)), rel=1e-5)
     # The first step by hand: t and the batch as the fit draws them from its seed, each process's
-    # batch k of its shard (every other sample: no shuffling), train mode at the line's point θ(t)
+    # batch k of its shard (the indices its DistributedSampler gave), train mode at the line's point θ(t)
     # (the bend starts on it), the two processes' losses averaged.
     generator = torch.Generator().manual_seed(0)
     k = int(torch.randperm(2, generator=generator)[0])
@@ -364,9 +367,8 @@ def test_under_ddp_the_processes_fit_one_curve_on_their_shards(other_ckpt, tmp_p
     with torch.no_grad():
         for p, q in zip(point.parameters(), w2.parameters()):
             p.copy_((1 - t) * p + t * q)
-        losses = [
-            float(F.cross_entropy(point(x[r::2][32 * k : 32 * k + 32]), y[r::2][32 * k : 32 * k + 32])) for r in (0, 1)
-        ]
+        batches = [torch.tensor(shard[32 * k : 32 * k + 32]) for shard in shards]
+        losses = [float(F.cross_entropy(point(x[i]), y[i])) for i in batches]
     assert ranks[0]["history"][0] == pytest.approx(sum(losses) / 2, rel=1e-5)
     assert CurveResult.load(tmp_path / "files" / "connect.npz").history.tolist() == ranks[0]["history"]
 
