@@ -296,6 +296,10 @@ def test_another_architecture_fails_at_fit_start_before_any_step(tmp_path):
 
 DDP_SCRIPT = """
 import json, os, sys
+import atexit, torch.distributed as _dist
+# Spawned children import this file too: each closes its process group at exit (left to the
+# interpreter's teardown, gloo can abort with "terminate called without an active exception").
+atexit.register(lambda: _dist.destroy_process_group() if _dist.is_available() and _dist.is_initialized() else None)
 from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.getcwd())

@@ -10,6 +10,7 @@ results; only global rank zero prints and writes files.
 
 from __future__ import annotations
 
+import atexit
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,11 @@ def _lightning_info_hidden() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+def _close_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class Processes:
@@ -76,6 +82,10 @@ class Processes:
 
         with _lightning_info_hidden():
             self.fabric.launch()
+        if self.world_size > 1:
+            # A process group left to the interpreter's teardown can abort it ("terminate called without
+            # an active exception") after the work is done; this command owns it, so it closes it.
+            atexit.register(_close_process_group)
         # Collectives needs a `strategy` and a `world_size`, which a Fabric has as a Trainer does.
         self._comm = Collectives(self.fabric)  # type: ignore[arg-type]
 

@@ -10,6 +10,7 @@ on global rank zero), so the test can recompute everything on one process.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
@@ -172,11 +173,15 @@ def main() -> None:
     (out / "result.json").write_text(json.dumps(result))
 
 
+def _close_process_group() -> None:
+    # A process group left to the interpreter's teardown can abort it ("terminate called without
+    # an active exception") after all the work is done; close it as torch's docs ask.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# At module level: ddp_spawn's children import this file without running __main__, and close theirs too.
+atexit.register(_close_process_group)
+
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        # A process group left to the interpreter's teardown can abort it ("terminate called without
-        # an active exception") after all the work is done; close it as torch's docs ask.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    main()
