@@ -341,6 +341,7 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
 
         report = sharpness(model, shard, loss_fn=nn.functional.cross_entropy, reduce=reduce, agree=agree, **DDP_ARGS)
         queue.put((rank, report.scalars(), report.basin_radii.tolist()))
+        dist.barrier()  # neither rank tears its group down while the other may still use it
     finally:
         dist.destroy_process_group()
 

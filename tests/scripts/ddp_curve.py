@@ -47,8 +47,15 @@ def _rank(rank: int, out: Path) -> None:
             fitted[name] = {"bends": [p.detach().clone() for p in curve.parameters()], "history": curve.history}
         if rank == 0:
             torch.save(fitted, out / "curves.pt")
+        # Neither rank tears its group down while the other may still be talking to it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # The result is on disk; skip the interpreter's teardown, where gloo's threads aborted a child
+    # in CI ("terminate called without an active exception") after all the work was done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
