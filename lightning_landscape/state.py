@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_landscape.allocator import retained_memory
+
 
 @dataclass
 class ModelState:
@@ -168,9 +170,11 @@ def preserved_state(model: nn.Module) -> Iterator[ModelState]:
     Inside the block ``.grad`` is ``None`` on every parameter.
 
     Inside the block torch uses at most as many threads as the CPUs this process may run on
-    (:func:`bounded_threads`). Guards nest at no cost: inside a guard on the same model (a callback's, around
-    an engine's own), the inner guard copies nothing, yields the outer record and
-    restores the model to it on exit, so an analysis holds one copy of the model.
+    (:func:`bounded_threads`), and the C allocator keeps the memory it frees between the block's
+    forward passes (:func:`~lightning_landscape.allocator.retained_memory`). Guards nest at no
+    cost: inside a guard on the same model (a callback's, around an engine's own), the inner
+    guard copies nothing, yields the outer record and restores the model to it on exit, so an
+    analysis holds one copy of the model.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
@@ -195,7 +199,7 @@ def preserved_state(model: nn.Module) -> Iterator[ModelState]:
     for p in model.parameters():
         p.grad = None
     try:
-        with bounded_threads():
+        with bounded_threads(), retained_memory():
             yield state
     finally:
         del _ACTIVE[id(model)]

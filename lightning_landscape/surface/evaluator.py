@@ -125,6 +125,7 @@ class GridEvaluator:
         for metric in self.metrics.values():
             self._set_sync(metric)
         self.num_samples: int | None = None
+        self._sums: torch.Tensor | None = None
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Loss and metrics at the model's current weights; puts the model in eval mode.
@@ -141,12 +142,15 @@ class GridEvaluator:
         for metric in self.metrics.values():
             if metric is not None:
                 metric.reset()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = 0
+        # One float64 accumulator for the whole evaluator: no new device tensor per batch or point.
+        if self._sums is None:
+            self._sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        sums = self._sums.zero_()
+        total, count = sums[0], 0
         with torch.no_grad():
             for batch in self.batches:
                 loss, n, outputs, targets = self.batch_loss(model, batch)
-                total = total + loss.detach().to(torch.float64) * n
+                total.add_(loss.detach(), alpha=n)
                 count += n
                 if self.metrics:
                     if outputs is None:
@@ -157,16 +161,26 @@ class GridEvaluator:
                     self._build_metrics(outputs)
                     for metric in self.metrics.values():
                         metric.update(outputs, targets)
-        sums = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=self.device)])
+        sums[1] = count
         if self.reduce is not None:
             sums = self.reduce(sums)
-        loss_sum, count_sum = sums.tolist()
+        return self._read(sums)
+
+    def _read(self, sums: torch.Tensor) -> dict[str, float]:
+        """The point's loss and metrics from the summed ``[loss x samples, samples]``, with one host sync."""
+        computed = {name: metric.compute() for name, metric in self.metrics.items()}
+        scalars = [
+            v.detach().reshape(()).to(device=sums.device, dtype=torch.float64)
+            for v in computed.values()
+            if torch.is_tensor(v) and v.numel() == 1
+        ]
+        loss_sum, count_sum, *read = torch.cat([sums, torch.stack(scalars)]).tolist() if scalars else sums.tolist()
         self.num_samples = int(count_sum)
         mean = loss_sum / count_sum if count_sum else math.nan
         out = {"loss": mean if math.isfinite(mean) else math.nan}
-        for name, metric in self.metrics.items():
-            value = metric.compute()
-            out[name] = float(value) if torch.is_tensor(value) and value.numel() == 1 else math.nan
+        values = iter(read)
+        for name, value in computed.items():
+            out[name] = next(values) if torch.is_tensor(value) and value.numel() == 1 else math.nan
         return out
 
     def _build_metrics(self, outputs: Any) -> None:
