@@ -43,6 +43,7 @@ from lightning_landscape.plots import (
     plotly_surface,
 )
 from lightning_landscape.results import CurveResult, Landscape, SharpnessReport
+from lightning_landscape.seeded import SeededDirection
 from lightning_landscape.sharpness import sharpness
 from lightning_landscape.state import ModelState, preserved_state
 from lightning_landscape.surface import GridEvaluator, interpolate, interpolate_runs, loss_surface, make_batch_loss
@@ -77,6 +78,7 @@ __all__ = [
     "ModelState",
     "PCAResult",
     "SWAComparison",
+    "SeededDirection",
     "Sharpness",
     "SharpnessReport",
     "SnapshotStore",

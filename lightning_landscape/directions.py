@@ -9,7 +9,7 @@ differently scaled networks are comparable.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
 import torch
@@ -70,41 +70,104 @@ def random_direction(
     params = trainable_parameters(model)
     if orthogonal_to is not None:
         check_direction("orthogonal_to", orthogonal_to, params)
+    weights = {n: p.detach() for n, p in params.items()}
+    other = None if orthogonal_to is None else (lambda: (orthogonal_to[n] for n in weights))
+    scalars = direction_scalars(weights, norm=norm, ignore=ignore, seed=seed, other=other)
+    return dict(direction_stream(weights, norm=norm, ignore=ignore, seed=seed, other=other, scalars=scalars))
 
+
+OtherStream = Callable[[], Iterator[torch.Tensor]]
+
+
+def direction_stream(
+    weights: Mapping[str, torch.Tensor],
+    *,
+    norm: str,
+    ignore: str,
+    seed: int,
+    other: OtherStream | None,
+    scalars: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of :func:`random_direction` one parameter at a time, in the parameters' order.
+
+    ``weights`` are θ* (they set the scale); ``other()`` yields the tensors of the direction to be
+    orthogonal to, in the same order. ``scalars`` are the whole-direction factors of
+    :func:`direction_scalars` (for ``norm`` ``"model"``/``"none"``): this is the one place a
+    direction is built, so a direction streamed again per grid point (``memory="low"``) is bit
+    for bit the stored one.
+
+    Example:
+        >>> w = {"w": torch.ones(2, 3)}
+        >>> [(n, d.shape) for n, d in direction_stream(w, norm="filter", ignore="biasbn", seed=0, other=None)]
+        [('w', torch.Size([2, 3]))]
+    """
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    direction: Direction = {}
-    for name, p in params.items():
+    others = None if other is None else other()
+    projection, scale = scalars
+    # No torch.no_grad() in here: a context held across `yield` would switch grad mode off for the
+    # caller between items (and for good, when two streams interleave). Every input is detached
+    # instead, so no op here records a graph whatever the grad mode.
+    for name, p in weights.items():
+        p = p.detach()
         # Drawn on CPU in float32 for every parameter, also ignored ones, so the stream
         # (and hence each tensor) does not depend on device, dtype or `ignore`.
-        raw = torch.randn(p.shape, generator=generator, dtype=torch.float32)
-        direction[name] = raw.to(device=p.device, dtype=p.dtype)
+        d = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
+        o = None if others is None else next(others).detach().to(d)
+        if p.dim() <= 1 and ignore == "biasbn":
+            yield name, d.zero_()
+            continue
+        if o is not None:
+            _project_out(d, o, _unit_dims(p, norm))
+        if norm in ("filter", "layer"):
+            _rescale(d, p, _unit_dims(p, norm))
+        if projection is not None and o is not None:
+            d.sub_(projection.to(d.dtype) * o)
+        if scale is not None:
+            d.mul_(scale.to(device=d.device, dtype=d.dtype))
+        yield name, d
 
-    with torch.no_grad():
-        for name, p in params.items():
-            d = direction[name]
-            if p.dim() <= 1 and ignore == "biasbn":
-                d.zero_()
-                continue
-            if orthogonal_to is not None:
-                _project_out(d, orthogonal_to[name].to(d), _unit_dims(p, norm))
-            if norm in ("filter", "layer"):
-                _rescale(d, p.detach(), _unit_dims(p, norm))
-        if orthogonal_to is not None and norm in ("model", "none"):
-            # Whole-vector projection: these norms treat the direction as one unit.
-            names = [n for n in direction if not (params[n].dim() <= 1 and ignore == "biasbn")]
-            dot = sum((direction[n].double() * orthogonal_to[n].to(direction[n]).double()).sum() for n in names)
-            sq = sum((orthogonal_to[n].double() ** 2).sum() for n in names)
-            if float(sq) > 0:
-                for n in names:
-                    direction[n].sub_((dot / sq).to(direction[n].dtype) * orthogonal_to[n].to(direction[n]))
-        if norm == "model":
-            names = [n for n in direction if not (params[n].dim() <= 1 and ignore == "biasbn")]
-            d_norm = torch.sqrt(sum((direction[n].double() ** 2).sum() for n in names))
-            w_norm = torch.sqrt(sum((params[n].detach().double() ** 2).sum() for n in names))
-            scale = w_norm / d_norm if float(d_norm) > 0 else torch.zeros((), dtype=torch.float64)
-            for n in names:
-                direction[n].mul_(scale.to(device=direction[n].device, dtype=direction[n].dtype))
-    return direction
+
+def direction_scalars(
+    weights: Mapping[str, torch.Tensor], *, norm: str, ignore: str, seed: int, other: OtherStream | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The whole-direction factors of :func:`direction_stream`: the projection onto ``other`` and the
+    rescaling to ‖θ‖, each ``None`` where ``norm`` has none; one or two extra streams to compute.
+
+    ``"model"`` and ``"none"`` treat the direction as one unit, so their orthogonalization (a
+    whole-vector projection, after the per-tensor one) and ``"model"``'s rescaling need sums over
+    every parameter before any tensor is final.
+
+    Example:
+        >>> w = {"w": torch.ones(2, 3)}
+        >>> direction_scalars(w, norm="filter", ignore="biasbn", seed=0, other=None)
+        (None, None)
+    """
+    if norm not in ("model", "none"):
+        return None, None
+    kept = [n for n, p in weights.items() if not (p.dim() <= 1 and ignore == "biasbn")]
+    projection = None
+    if other is not None:
+        dot: torch.Tensor | int = 0
+        sq: torch.Tensor | int = 0
+        for (name, d), o in zip(direction_stream(weights, norm=norm, ignore=ignore, seed=seed, other=other), other()):
+            if name in kept:
+                o = o.detach()
+                dot = dot + (d.double() * o.to(d).double()).sum()
+                sq = sq + (o.double() ** 2).sum()
+        if float(sq) > 0:
+            projection = dot / sq
+    if norm == "none":
+        return projection, None
+    d_sq: torch.Tensor | int = 0
+    for name, d in direction_stream(
+        weights, norm=norm, ignore=ignore, seed=seed, other=other, scalars=(projection, None)
+    ):
+        if name in kept:
+            d_sq = d_sq + (d.double() ** 2).sum()
+    w_norm = torch.sqrt(sum((weights[n].detach().double() ** 2).sum() for n in kept))
+    d_norm = torch.sqrt(d_sq)
+    scale = w_norm / d_norm if float(d_norm) > 0 else torch.zeros((), dtype=torch.float64)
+    return projection, scale
 
 
 def _unit_dims(p: torch.Tensor, norm: str) -> tuple[int, ...]:

@@ -11,11 +11,12 @@ import numpy as np
 from torch import nn
 
 from lightning_landscape import _versions
-from lightning_landscape._validation import as_direction_list, as_grid_coords
+from lightning_landscape._validation import as_direction_list, as_grid_coords, check_choice
 from lightning_landscape.data import ForwardFn, LossFn, make_batch_loss, model_device
 from lightning_landscape.directions import Direction, check_direction
 from lightning_landscape.params import Plane, check_finite_weights, trainable_parameters
 from lightning_landscape.results import Landscape
+from lightning_landscape.seeded import SeededDirection, SeededPlane
 from lightning_landscape.state import preserved_state
 from lightning_landscape.surface.evaluator import GridEvaluator
 from lightning_landscape.surface.resume import PartialSaver, checkpointed, fingerprint, load_partial
@@ -34,6 +35,7 @@ def surface_from_evaluator(
     owner: bool = True,
     grid_share: tuple[int, int] | None = None,
     combine: Callable[[np.ndarray], np.ndarray] | None = None,
+    memory: str = "default",
 ) -> Landscape:
     """Evaluate f(α, β) = L(θ* + αδ + βη) with a ready :class:`GridEvaluator`.
 
@@ -57,19 +59,19 @@ def surface_from_evaluator(
         >>> ls.loss.shape, ls.metadata["kind"], ls.metadata["center_loss"] == float(ls.loss[1])
         ((3,), 'surface', True)
     """
-    dirs = as_direction_list(directions)
     params = trainable_parameters(model)
     check_finite_weights(params)  # before any grid point is spent
-    for k, d in enumerate(dirs):
-        check_direction("directions" if len(dirs) == 1 else f"directions[{k}]", d, params)
+    dirs = _checked_directions(model, directions, params, memory)
     grid = as_grid_coords(coords, len(dirs))
-    meta = {"kind": "surface", "bn": evaluator.bn, **_versions.collect(), **(metadata or {})}
+    meta = {"kind": "surface", "bn": evaluator.bn, "memory": memory, **_versions.collect(), **(metadata or {})}
+    if memory == "low":
+        meta["seeded_directions"] = [d.describe() for d in dirs]
     save_to = None if resume is None or isinstance(resume, Landscape) or not owner else Path(resume)
     if save_to is not None:  # hashing θ*, the directions and the data is only needed to resume
         meta["fingerprint"] = fingerprint(
             {
                 "weights": list(params.values()),
-                "directions": [d[n] for d in dirs for n in params],
+                "directions": [] if memory == "low" else [d[n] for d in dirs for n in params],
                 "data": evaluator.batches,
                 "settings": {k: v for k, v in meta.items() if k not in VOLATILE},
             }
@@ -79,7 +81,8 @@ def surface_from_evaluator(
     landscape = found if found is not None else Landscape.empty(grid, evaluator.metrics, meta)
 
     with preserved_state(model) as state:
-        plane = Plane(params, state.parameters, dirs)
+        make_plane = SeededPlane if memory == "low" else Plane
+        plane = make_plane(params, state.parameters, dirs)
 
         def evaluate_grid(on_point: Any) -> Landscape:
             def set_point(idx: tuple[int, ...]) -> None:
@@ -126,6 +129,28 @@ def _run_shared_grid(
     return landscape
 
 
+MEMORY_MODES = ("default", "low")
+
+
+def _checked_directions(model: nn.Module, directions: Any, params: dict, memory: str) -> list:
+    """The directions as a list: stored ones checked against the model, recipes materialized unless ``memory="low"``."""
+    check_choice("memory", memory, MEMORY_MODES)
+    listed = [directions] if isinstance(directions, SeededDirection) else as_direction_list(directions)
+    seeded = [isinstance(d, SeededDirection) for d in listed]
+    if memory == "low":
+        if not all(seeded):
+            raise ValueError(
+                "`memory`='low' draws the directions again at every grid point from their recipe, so `directions` "
+                "must be SeededDirection objects (e.g. [SeededDirection(seed=0), SeededDirection(seed=1)]); "
+                "got stored tensors. Pass recipes, or memory='default'."
+            )
+        return listed
+    listed = [d.materialize(model) if s else d for d, s in zip(listed, seeded)]
+    for k, d in enumerate(listed):
+        check_direction("directions" if len(listed) == 1 else f"directions[{k}]", d, params)
+    return listed
+
+
 #: Metadata that changes from run to run without changing any value: not part of the fingerprint.
 VOLATILE = ("fingerprint", "partial", "center_loss", "num_nonfinite", "num_samples", "global_step", "epoch")
 
@@ -156,6 +181,7 @@ def loss_surface(
     metadata: dict[str, Any] | None = None,
     resume: str | os.PathLike | None = None,
     bn: str = "eval",
+    memory: str = "default",
 ) -> Landscape:
     """Loss (and metrics) on a 1-D or 2-D slice θ* + αδ + βη through the model's weights.
 
@@ -163,7 +189,8 @@ def loss_surface(
         model: any ``nn.Module``; θ* are its current trainable weights. It is
             evaluated in eval mode without autograd and left exactly as it was.
         data: any iterable of batches; it is read once and cached on the model's device.
-        directions: one direction or a list of two (see :func:`random_direction`).
+        directions: one direction or a list of two (see :func:`random_direction`), stored
+            tensors or :class:`~lightning_landscape.SeededDirection` recipes.
         coords: one 1-D array of coordinates per direction.
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean; the value at
             a point is the sample-weighted mean over all samples.
@@ -181,6 +208,11 @@ def loss_surface(
         bn: ``"eval"`` evaluates with the BatchNorm running statistics as stored;
             ``"recompute"`` recomputes them at every point with one pass over the data
             (see :class:`GridEvaluator`); the model's own statistics come back either way.
+        memory: ``"default"`` holds θ* and the directions (three model copies for a 2-D
+            surface); ``"low"`` holds θ* only and draws each parameter's slice of the directions
+            again at every point from their :class:`~lightning_landscape.SeededDirection` recipes
+            (bit for bit the same values and results, a few parameters' worth of memory, more time
+            per point on small data; see README "Performance").
 
     Returns:
         a :class:`Landscape` with ``values["loss"]`` of shape ``(len(α),)`` or ``(len(α), len(β))``.
@@ -199,10 +231,7 @@ def loss_surface(
         >>> ls.loss.shape
         (5, 5)
     """
-    dirs = as_direction_list(directions)
-    params = trainable_parameters(model)
-    for k, d in enumerate(dirs):
-        check_direction("directions" if len(dirs) == 1 else f"directions[{k}]", d, params)
+    dirs = _checked_directions(model, directions, trainable_parameters(model), memory)
     grid = as_grid_coords(coords, len(dirs))
     evaluator = GridEvaluator(
         data,
@@ -212,4 +241,6 @@ def loss_surface(
         num_batches=num_batches,
         bn=bn,
     )
-    return surface_from_evaluator(model, evaluator, dirs, grid, progress=progress, metadata=metadata, resume=resume)
+    return surface_from_evaluator(
+        model, evaluator, dirs, grid, progress=progress, metadata=metadata, resume=resume, memory=memory
+    )
