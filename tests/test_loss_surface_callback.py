@@ -48,6 +48,19 @@ def test_files_and_center_loss_match_independent_eval(tmp_path):
         assert (tmp_path / "out" / f"loss_surface_{key}.pdf").exists()
 
 
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_low_memory_gives_the_default_surface_bit_for_bit(tmp_path, orthogonal):
+    runs = {}
+    for memory in ("default", "low"):
+        cb = LossSurface(resolution=4, span=0.7, orthogonal=orthogonal, memory=memory, progress=False, dirpath=None)
+        small_fit(tmp_path / memory, [cb])
+        runs[memory] = cb.landscape
+    np.testing.assert_array_equal(runs["low"].loss, runs["default"].loss)
+    assert runs["low"].metadata["center_loss"] == runs["default"].metadata["center_loss"]  # θ* off the grid
+    assert runs["low"].metadata["memory"] == "low"
+    assert runs["low"].metadata["seeded_directions"][0]["seed"] == 0
+
+
 def _leet_text(run_dir: Path) -> str:
     wandb_file = next(run_dir.glob("run-*.wandb"))
     out = subprocess.run(
@@ -203,6 +216,8 @@ def test_sees_the_weights_swapped_in_by_swa(tmp_path):
         ({"axis_ranges": [[1.0, -1.0], [0, 1]]}, r"`axis_ranges`.*lo < hi"),
         ({"seed": 1.5}, r"`seed`=1.5.*integer"),
         ({"loss_fn": "mse"}, r"`loss_fn`='mse' is not callable"),
+        ({"memory": "tiny"}, r"`memory`='tiny'.*'default', 'low'"),
+        ({"memory": "low", "directions": "hessian"}, r"`memory`='low'.*directions='random'"),
     ],
 )
 def test_bad_arguments_raise_misconfiguration(kwargs, match):

@@ -29,7 +29,9 @@ from lightning_landscape.hessian import hessian_directions, ratio_map
 from lightning_landscape.metrics import check_metric_names
 from lightning_landscape.plots import landscape_figures, plot_ratio_map, plotly_surface
 from lightning_landscape.results import Landscape
+from lightning_landscape.seeded import SeededDirection
 from lightning_landscape.surface import GridEvaluator, surface_from_evaluator
+from lightning_landscape.surface.plane import MEMORY_MODES
 from lightning_landscape.trackers import write_files
 
 #: Where the plane's directions come from.
@@ -112,6 +114,10 @@ class LossSurface(LandscapeCallback):
             or ``"recompute"`` (reset and recomputed with one pass over the evaluation data at the
             point's weights, as Garipov et al. and ``torch.optim.swa_utils.update_bn``; one more
             pass per point). The module's own statistics come back either way.
+        memory: ``"default"`` holds θ* and the two directions during the analysis;
+            ``"low"`` holds θ* only and draws the directions again at every grid point from
+            their seeds (the same values bit for bit; see ``loss_surface(memory=...)``). Needs
+            ``directions="random"``; a ``ratio_map`` builds the stored directions for its own run.
 
     Raises:
         MisconfigurationException: for an invalid argument (in ``__init__``), or
@@ -158,6 +164,7 @@ class LossSurface(LandscapeCallback):
         distribute: Literal["data", "grid"] = "data",
         bn: Literal["eval", "recompute"] = "eval",
         directions: Literal["random", "hessian"] = "random",
+        memory: Literal["default", "low"] = "default",
     ) -> None:
         super().__init__()
         self.init_common(
@@ -194,6 +201,12 @@ class LossSurface(LandscapeCallback):
                 f"`directions`='hessian' takes the Hessian's unit eigenvectors as they are, so `norm`={self.norm!r} "
                 f"and `ignore`={self.ignore!r} cannot apply; leave them at 'filter' and 'biasbn', or use "
                 "directions='random'."
+            )
+        self.memory = misconfigured(v.check_choice, "memory", memory, MEMORY_MODES)
+        if self.memory == "low" and self.directions == "hessian":
+            raise MisconfigurationException(
+                "`memory`='low' draws the directions again from their seeds at every point, which Hessian "
+                "eigenvectors do not have; use directions='random' or memory='default'."
             )
         self.ratio_resolution = misconfigured(v.check_resolution, "ratio_resolution", ratio_resolution, 2)
         #: The last computed landscape and ratio map (on every rank).
@@ -239,7 +252,8 @@ class LossSurface(LandscapeCallback):
         comm = Collectives(trainer)
         with analysis_context(trainer, pl_module):
             evaluator, directions, metadata = self._prepare(trainer, pl_module)
-            comm.same_on_every_rank("directions", [d[n] for d in directions for n in sorted(d)])
+            if self.memory == "default":  # recipes are the same on every rank by construction
+                comm.same_on_every_rank("directions", [d[n] for d in directions for n in sorted(d)])
             # Rank zero reads and writes the partial file; every rank resumes from its copy of it.
             partial = self.output_dir(trainer) / f"{self.name}{suffix}.npz"
             split_grid = comm.distributed and self.distribute == "grid"
@@ -257,6 +271,7 @@ class LossSurface(LandscapeCallback):
                 owner=trainer.is_global_zero,
                 grid_share=(trainer.global_rank, trainer.world_size) if split_grid else None,
                 combine=comm.sum_array if split_grid else None,
+                memory=self.memory,
             )
             ratio = self._ratio_map(trainer, pl_module, evaluator, directions) if self.ratio_map else None
         self.landscape, self.ratio_landscape = landscape, ratio
@@ -300,6 +315,11 @@ class LossSurface(LandscapeCallback):
         return evaluator, directions, metadata
 
     def _random_directions(self, pl_module: pl.LightningModule) -> list:
+        if self.memory == "low":
+            recipe = SeededDirection(seed=self.seed, norm=self.norm, ignore=self.ignore)
+            orth = recipe if self.orthogonal else None
+            second = SeededDirection(seed=self.seed + 1, norm=self.norm, ignore=self.ignore, orthogonal_to=orth)
+            return [recipe] if self.dims == 1 else [recipe, second]
         first = random_direction(pl_module, norm=self.norm, ignore=self.ignore, seed=self.seed)
         if self.dims == 1:
             return [first]
@@ -326,7 +346,7 @@ class LossSurface(LandscapeCallback):
         return ratio_map(
             pl_module,
             evaluator.batches,
-            directions,
+            [d.materialize(pl_module) if isinstance(d, SeededDirection) else d for d in directions],
             coarse,
             batch_loss=evaluator.batch_loss,
             seed=self.seed,
