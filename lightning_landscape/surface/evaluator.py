@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import nn
 from lightning_landscape._validation import check_choice, check_positive_int
 from lightning_landscape.batchnorm import BN_POLICIES, recompute_bn, resolve_bn
 from lightning_landscape.data import BatchLoss, Reduce, cache_batches
+from lightning_landscape.errors import LandscapeWarning
 from lightning_landscape.metrics import METRIC_NAMES, check_metric_names, is_metric, metric_from_name
 from lightning_landscape.progress import track
 from lightning_landscape.results import Landscape
@@ -60,6 +62,20 @@ def as_metric_dict(metrics: Any) -> dict[str, Any]:
     return out
 
 
+def compile_label(compile: Any) -> str:
+    """How a ``compile`` setting is written into a result's metadata.
+
+    Example:
+        >>> compile_label(True), compile_label("aot_eager")
+        ('True', 'aot_eager')
+    """
+    return compile if isinstance(compile, str) else getattr(compile, "__name__", None) or str(compile)
+
+
+#: The evaluation dtypes: the model's own, or bfloat16 autocast.
+EVAL_DTYPES = ("model", "bf16")
+
+
 class GridEvaluator:
     """Evaluate a model's loss and metrics at its current weights over cached batches.
 
@@ -85,6 +101,12 @@ class GridEvaluator:
             without BatchNorm warns once and is evaluated as with ``"eval"``.
         bn_batches: the batches the statistics are recomputed from (default: this evaluator's own),
             e.g. the training batches of an evaluator on validation data.
+        dtype: ``"model"`` evaluates in the model's own dtype; ``"bf16"`` runs each forward under
+            ``torch.autocast`` in bfloat16 (faster where the hardware has bf16 units, less exact:
+            :meth:`reference_error` measures it).
+        compile: ``True`` (or a ``torch.compile`` backend name) evaluates through
+            ``torch.compile(model)``, compiled at the first point and reused for the others; where
+            compiling fails it warns once and evaluates eagerly.
 
     Example:
         >>> from lightning_landscape import make_batch_loss
@@ -107,8 +129,17 @@ class GridEvaluator:
         sync_metrics: bool = True,
         bn: str = "eval",
         bn_batches: list[Any] | None = None,
+        dtype: str = "model",
+        compile: bool | str | Callable[..., Any] = False,
     ) -> None:
         check_positive_int("num_batches", num_batches, allow_none=True)
+        self.dtype = check_choice("dtype", dtype, EVAL_DTYPES)
+        if not (isinstance(compile, bool) or (isinstance(compile, str) and compile) or callable(compile)):
+            raise ValueError(
+                f"`compile`={compile!r}; expected True, False or a torch.compile backend (name or callable)."
+            )
+        self.compile = compile
+        self._compiled: tuple[int, Any] | None = None
         self.bn = check_choice("bn", bn, BN_POLICIES)
         self._bn_resolved = bn == "eval"
         self.bn_batches = bn_batches
@@ -127,8 +158,10 @@ class GridEvaluator:
         self.num_samples: int | None = None
         self._sums: torch.Tensor | None = None
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, *, exact: bool = False) -> dict[str, float]:
         """Loss and metrics at the model's current weights; puts the model in eval mode.
+
+        ``exact=True`` evaluates in the model's own dtype, eagerly, whatever ``dtype`` and ``compile`` say.
 
         With ``bn="recompute"`` the BatchNorm statistics are recomputed first and left so:
         run inside :func:`~lightning_landscape.preserved_state` to get the model's own back.
@@ -147,9 +180,11 @@ class GridEvaluator:
             self._sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         sums = self._sums.zero_()
         total, count = sums[0], 0
-        with torch.no_grad():
+        runner = model if exact else self._runner(model)
+        autocast = self.dtype == "bf16" and not exact
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
             for batch in self.batches:
-                loss, n, outputs, targets = self.batch_loss(model, batch)
+                loss, n, outputs, targets = self._batch_loss(runner, model, batch)
                 total.add_(loss.detach(), alpha=n)
                 count += n
                 if self.metrics:
@@ -182,6 +217,45 @@ class GridEvaluator:
         for name, value in computed.items():
             out[name] = next(values) if torch.is_tensor(value) and value.numel() == 1 else math.nan
         return out
+
+    def _runner(self, model: nn.Module) -> Any:
+        """The module the forward passes go through: ``model``, or its compiled wrapper (made once)."""
+        if self.compile is False:
+            return model
+        if self._compiled is None or self._compiled[0] != id(model):
+            backend = "inductor" if self.compile is True else self.compile
+            self._compiled = (id(model), torch.compile(model, backend=backend))
+        return self._compiled[1]
+
+    def _batch_loss(self, runner: Any, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int, Any, Any]:
+        if runner is model:
+            return self.batch_loss(model, batch)
+        try:
+            return self.batch_loss(runner, batch)
+        except Exception as error:  # noqa: BLE001  # any backend failure: fall back, and say so once
+            warnings.warn(
+                f"`compile`={self.compile!r}: torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
+                "evaluating eagerly.",
+                LandscapeWarning,
+                stacklevel=4,
+            )
+            self.compile = False
+            return self.batch_loss(model, batch)
+
+    def reference_error(self, model: nn.Module, value: float) -> dict[str, float | str]:
+        """``value`` (a loss this evaluator gave at the model's current weights) against an exact evaluation.
+
+        For ``dtype="bf16"`` or ``compile``: the exact (model dtype, eager) loss and the relative
+        error, stored in a result's metadata so the cost of the faster evaluation is on record.
+        """
+        exact = self.evaluate(model, exact=True)["loss"]
+        error = abs(value - exact) / abs(exact) if exact else abs(value - exact)
+        return {
+            "eval_dtype": self.dtype,
+            "compile": compile_label(self.compile),
+            "exact_center_loss": exact,
+            "center_loss_rel_error": error,
+        }
 
     def _build_metrics(self, outputs: Any) -> None:
         for name, metric in self.metrics.items():

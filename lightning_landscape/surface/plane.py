@@ -18,7 +18,7 @@ from lightning_landscape.params import Plane, check_finite_weights, trainable_pa
 from lightning_landscape.results import Landscape
 from lightning_landscape.seeded import SeededDirection, SeededPlane
 from lightning_landscape.state import preserved_state
-from lightning_landscape.surface.evaluator import GridEvaluator
+from lightning_landscape.surface.evaluator import GridEvaluator, compile_label
 from lightning_landscape.surface.resume import PartialSaver, checkpointed, fingerprint, load_partial
 
 
@@ -63,7 +63,15 @@ def surface_from_evaluator(
     check_finite_weights(params)  # before any grid point is spent
     dirs = _checked_directions(model, directions, params, memory)
     grid = as_grid_coords(coords, len(dirs))
-    meta = {"kind": "surface", "bn": evaluator.bn, "memory": memory, **_versions.collect(), **(metadata or {})}
+    meta = {
+        "kind": "surface",
+        "bn": evaluator.bn,
+        "memory": memory,
+        "eval_dtype": evaluator.dtype,
+        "compile": compile_label(evaluator.compile),
+        **_versions.collect(),
+        **(metadata or {}),
+    }
     if memory == "low":
         meta["seeded_directions"] = [d.describe() for d in dirs]
     save_to = None if resume is None or isinstance(resume, Landscape) or not owner else Path(resume)
@@ -102,6 +110,9 @@ def surface_from_evaluator(
             else:  # θ* is not a grid point: evaluate it, so center_loss is always the loss at θ* itself
                 plane.reset()
                 landscape.metadata["center_loss"] = evaluator.evaluate(model)["loss"]
+        if evaluator.dtype != "model" or evaluator.compile is not False:
+            plane.reset()  # the faster evaluation's error at θ*, against an exact one, on record
+            landscape.metadata.update(evaluator.reference_error(model, landscape.metadata["center_loss"]))
     landscape.metadata["partial"] = False
     if save_to is not None:
         landscape.save(save_to)
@@ -182,6 +193,8 @@ def loss_surface(
     resume: str | os.PathLike | None = None,
     bn: str = "eval",
     memory: str = "default",
+    dtype: str = "model",
+    compile: bool | str | Callable[..., Any] = False,
 ) -> Landscape:
     """Loss (and metrics) on a 1-D or 2-D slice θ* + αδ + βη through the model's weights.
 
@@ -213,6 +226,10 @@ def loss_surface(
             again at every point from their :class:`~lightning_landscape.SeededDirection` recipes
             (bit for bit the same values and results, a few parameters' worth of memory, more time
             per point on small data; see README "Performance").
+        dtype: ``"model"`` (its own dtype) or ``"bf16"`` (forward passes under bfloat16 autocast);
+        compile: ``True`` or a backend name: forward passes through ``torch.compile(model)``,
+            eager with a warning where compiling fails. With either, ``metadata`` records the
+            loss at θ* evaluated exactly and the relative error (``center_loss_rel_error``).
 
     Returns:
         a :class:`Landscape` with ``values["loss"]`` of shape ``(len(α),)`` or ``(len(α), len(β))``.
@@ -240,6 +257,8 @@ def loss_surface(
         device=model_device(model),
         num_batches=num_batches,
         bn=bn,
+        dtype=dtype,
+        compile=compile,
     )
     return surface_from_evaluator(
         model, evaluator, dirs, grid, progress=progress, metadata=metadata, resume=resume, memory=memory
