@@ -157,8 +157,11 @@ def _spawn(variant: str, data: str, threads: int, steps: int, channels: int) -> 
         "--channels",
         str(channels),
     ]
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{variant} on {data} with {threads} thread(s) failed:\n{proc.stderr[-3000:]}")
+    print(f"  {variant}, {data}, {threads} thread(s): done", file=sys.stderr, flush=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
