@@ -7,7 +7,9 @@ of 500x500, batch 256), each in a fresh process per mode and repeat (interleaved
 - per grid point: the surface's wall time / one plain eval forward (+ loss) of the same batch;
 - the peak extra resident memory during the surface, in model copies (Linux: the peak is reset
   just before, the stored directions counted for the default mode, since they are what it holds);
-for memory="default" (θ*, δ, η) and memory="low" (θ* only, directions drawn again per point).
+for memory="default" (θ*, δ, η) and memory="low" (θ* only, directions drawn again per point), and
+with --modes bf16 / compile: the default mode with dtype="bf16" or compile=True (inductor), timed
+after a one-point surface that pays the compilation, with the loss error at θ* against fp32.
 """
 
 from __future__ import annotations
@@ -100,15 +102,29 @@ def worker(name: str, memory: str, steps: int) -> dict:
     first = SeededDirection(seed=0)
     dirs = [first, SeededDirection(seed=1, orthogonal_to=first)]
     coords = [np.linspace(-1, 1, steps)] * 2
+    extra = {"bf16": {"dtype": "bf16"}, "compile": {"compile": True}}.get(memory, {})
+    if extra:  # a one-point surface first: compiling (or autocast's first call) is not a per-point cost
+        loss_surface(model, data, dirs, [np.zeros(1)] * 2, loss_fn=F.cross_entropy, progress=False, **extra)
+    error = None
     before = _rss()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak (VmHWM) starts again from the current resident size
-    if memory == "default":
+    if memory != "low":
         dirs = [d.materialize(model) for d in dirs]
     t = time.perf_counter()
-    loss_surface(model, data, dirs, coords, loss_fn=F.cross_entropy, progress=False, memory=memory)
+    ls = loss_surface(
+        model,
+        data,
+        dirs,
+        coords,
+        loss_fn=F.cross_entropy,
+        progress=False,
+        memory="low" if memory == "low" else "default",
+        **extra,
+    )
     per_point = (time.perf_counter() - t) / steps**2
-    return {"ratio": per_point / forward, "copies": (_peak() - before) / copy, "params": copy // 4}
+    error = ls.metadata.get("center_loss_rel_error")
+    return {"ratio": per_point / forward, "copies": (_peak() - before) / copy, "params": copy // 4, "error": error}
 
 
 def main() -> None:
@@ -116,6 +132,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=["resnet20", "mlp-5M"], choices=["resnet20", "mlp-5M"])
+    parser.add_argument("--modes", nargs="+", default=["default", "low"], choices=["default", "low", "bf16", "compile"])
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -127,7 +144,7 @@ def main() -> None:
     runs: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.repeats):
         for name in args.models:
-            for memory in ("default", "low"):
+            for memory in args.modes:
                 cmd = [sys.executable, __file__, "--worker", name, memory, "--steps", str(args.steps)]
                 out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
                 runs.setdefault((name, memory), []).append(json.loads(out.strip().splitlines()[-1]))
@@ -136,12 +153,13 @@ def main() -> None:
         f"torch {torch.__version__}; {args.steps}x{args.steps} grid, 2 directions (the second orthogonal); "
         f"median of {args.repeats} interleaved runs, one process each\n"
     )
-    print("| model | weights | memory | per point / one forward | peak extra memory (model copies) |")
-    print("|---|---|---|---|---|")
+    print("| model | weights | mode | per point / one forward | peak extra memory (model copies) | loss error at θ* |")
+    print("|---|---|---|---|---|---|")
     for (name, memory), rows in runs.items():
+        error = rows[0]["error"]
         print(
             f"| {name} | {rows[0]['params']:,} | {memory} | {np.median([r['ratio'] for r in rows]):.2f} | "
-            f"{np.median([r['copies'] for r in rows]):.2f} |"
+            f"{np.median([r['copies'] for r in rows]):.2f} | {'-' if error is None else f'{error:.1e}'} |"
         )
     print("\ntargets: per point / one forward <= 1.0; copies <= 3 (default) and <= 1 (low); low <= 1.15x default time")
 
