@@ -61,6 +61,16 @@ def test_low_memory_gives_the_default_surface_bit_for_bit(tmp_path, orthogonal):
     assert runs["low"].metadata["seeded_directions"][0]["seed"] == 0
 
 
+def test_bf16_grid_records_its_error_against_the_exact_centre(tmp_path):
+    cb = LossSurface(resolution=3, dtype="bf16", progress=False, dirpath=str(tmp_path / "out"))
+    trainer, model, dm = small_fit(tmp_path, [cb])
+    exact = eval_loss(model, torch.utils.data.DataLoader(dm.train_set, batch_size=50))
+    meta = cb.landscape.metadata
+    assert meta["eval_dtype"] == "bf16" and meta["exact_center_loss"] == pytest.approx(exact, rel=1e-5)
+    assert meta["center_loss_rel_error"] == pytest.approx(abs(meta["center_loss"] - exact) / exact, abs=1e-6)
+    assert 0 < meta["center_loss_rel_error"] < 2e-2
+
+
 def _leet_text(run_dir: Path) -> str:
     wandb_file = next(run_dir.glob("run-*.wandb"))
     out = subprocess.run(
@@ -217,6 +227,7 @@ def test_sees_the_weights_swapped_in_by_swa(tmp_path):
         ({"seed": 1.5}, r"`seed`=1.5.*integer"),
         ({"loss_fn": "mse"}, r"`loss_fn`='mse' is not callable"),
         ({"memory": "tiny"}, r"`memory`='tiny'.*'default', 'low'"),
+        ({"dtype": "fp16"}, r"`dtype`='fp16'.*'model', 'bf16'"),
         ({"memory": "low", "directions": "hessian"}, r"`memory`='low'.*directions='random'"),
     ],
 )
