@@ -5,8 +5,9 @@
 For a ResNet-20-like CNN on 32x32 inputs (~270k weights, batch 128) and a 5M-weight MLP (20 layers
 of 500x500, batch 256), each in a fresh process per mode and repeat (interleaved), prints:
 - per grid point: the surface's wall time / one plain eval forward (+ loss) of the same batch;
-- the peak extra resident memory during the surface, in model copies (Linux: the peak is reset
-  just before, the stored directions counted for the default mode, since they are what it holds);
+- the peak extra resident memory during the surface beyond one plain forward's working memory, in
+  model copies (Linux: the peak is reset just before; the stored directions are counted for the
+  default mode, since they are what it holds);
 for memory="default" (θ*, δ, η) and memory="low" (θ* only, directions drawn again per point), and
 with --modes bf16 / compile: the default mode with dtype="bf16" or compile=True (inductor), timed
 after a one-point surface that pays the compilation, with the loss error at θ* against fp32.
@@ -84,6 +85,11 @@ def _peak() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) starts again from the current resident size
+
+
 def worker(name: str, memory: str, steps: int) -> dict:
     import torch
     from torch.nn import functional as F
@@ -106,9 +112,15 @@ def worker(name: str, memory: str, steps: int) -> dict:
     if extra:  # a one-point surface first: compiling (or autocast's first call) is not a per-point cost
         loss_surface(model, data, dirs, [np.zeros(1)] * 2, loss_fn=F.cross_entropy, progress=False, **extra)
     error = None
+    # One plain forward's working memory (activations), measured the same way: an analysis needs
+    # it too, and the allocator keeps it between points; the copies counted are beyond it.
+    with torch.no_grad():
+        before = _rss()
+        _reset_peak()
+        F.cross_entropy(model(data[0][0]), data[0][1]).item()
+        working = _peak() - before
     before = _rss()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak (VmHWM) starts again from the current resident size
+    _reset_peak()
     if memory != "low":
         dirs = [d.materialize(model) for d in dirs]
     t = time.perf_counter()
@@ -124,7 +136,12 @@ def worker(name: str, memory: str, steps: int) -> dict:
     )
     per_point = (time.perf_counter() - t) / steps**2
     error = ls.metadata.get("center_loss_rel_error")
-    return {"ratio": per_point / forward, "copies": (_peak() - before) / copy, "params": copy // 4, "error": error}
+    return {
+        "ratio": per_point / forward,
+        "copies": (_peak() - before - working) / copy,
+        "params": copy // 4,
+        "error": error,
+    }
 
 
 def main() -> None:
