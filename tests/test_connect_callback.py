@@ -169,7 +169,9 @@ def test_plane_points_match_an_independent_evaluation(connected):
     assert plane.loss.shape == (4, 4) and np.isfinite(plane.loss).all()
     w1_params, w2_params = dict(model.named_parameters()), dict(w2.named_parameters())
     distance = torch.sqrt(sum(((w2_params[n] - w1_params[n]).double() ** 2).sum() for n in w1_params)).item()
-    np.testing.assert_allclose(plane.extras["points"][[0, 2]], [[0.0, 0.0], [distance, 0.0]], rtol=1e-9, atol=1e-9)
+    # The plane's basis comes from float32 weights: its float64 distances agree to float32's last digits
+    # (5e-9 relative seen with one thread, where the reductions run in another order).
+    np.testing.assert_allclose(plane.extras["points"][[0, 2]], [[0.0, 0.0], [distance, 0.0]], rtol=1e-7, atol=1e-8)
     basis = plane_basis(cb.curve)
     x, y = plane.coords
     for i, j in ((0, 0), (2, 1)):
