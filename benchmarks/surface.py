@@ -113,24 +113,23 @@ def worker(variant: str, data: str, steps: int, channels: int) -> dict:
     dirs = [random_direction(model, seed=0), random_direction(model, seed=1)]
     coords = [np.linspace(-1, 1, steps)] * 2
     points = steps * steps
+    given = loader if data == "loader" else None  # ours caches a loader once; loss-landscapes re-reads it
+
+    def ours() -> None:  # "ours_untouched" is the same call in a process with the retention switched off
+        loss_surface(model, given or batches, dirs, coords, loss_fn=F.cross_entropy, progress=False)
+
+    def kept() -> None:
+        with retained_memory():
+            _plain(model, batches, points)
+
     run = {
-        "ours": lambda: loss_surface(
-            model, loader if data == "loader" else batches, dirs, coords, loss_fn=F.cross_entropy, progress=False
-        ),
-        "ours_untouched": lambda: loss_surface(
-            model, loader if data == "loader" else batches, dirs, coords, loss_fn=F.cross_entropy, progress=False
-        ),
+        "ours": ours,
+        "ours_untouched": ours,
         "plain": lambda: _plain(model, batches, points),
-        "theirs": lambda: _theirs(model, x, y, loader if data == "loader" else None, steps, no_grad=False),
-        "theirs_nograd": lambda: _theirs(model, x, y, loader if data == "loader" else None, steps, no_grad=True),
+        "plain_kept": kept,
+        "theirs": lambda: _theirs(model, x, y, given, steps, no_grad=False),
+        "theirs_nograd": lambda: _theirs(model, x, y, given, steps, no_grad=True),
     }
-    if variant == "plain_kept":
-
-        def kept() -> None:
-            with retained_memory():
-                _plain(model, batches, points)
-
-        run["plain_kept"] = kept
     _plain(model, batches, 2)  # warm-up: first-call costs (kernels, lazy init) are not per point
     usage = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter()

@@ -22,7 +22,6 @@ Set ``LIGHTNING_LANDSCAPE_RETAIN_MEMORY=0`` to leave the allocator alone; other 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
 import threading

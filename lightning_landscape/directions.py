@@ -113,7 +113,7 @@ def direction_stream(
         # (and hence each tensor) does not depend on device, dtype or `ignore`.
         d = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
         o = None if others is None else next(others).detach().to(d)
-        if p.dim() <= 1 and ignore == "biasbn":
+        if _ignored(p, ignore):
             yield name, d.zero_()
             continue
         if o is not None:
@@ -144,7 +144,7 @@ def direction_scalars(
     """
     if norm not in ("model", "none"):
         return None, None
-    kept = [n for n, p in weights.items() if not (p.dim() <= 1 and ignore == "biasbn")]
+    kept = [n for n, p in weights.items() if not _ignored(p, ignore)]
     projection = None
     if other is not None:
         dot: torch.Tensor | int = 0
@@ -168,6 +168,11 @@ def direction_scalars(
     d_norm = torch.sqrt(d_sq)
     scale = w_norm / d_norm if float(d_norm) > 0 else torch.zeros((), dtype=torch.float64)
     return projection, scale
+
+
+def _ignored(p: torch.Tensor, ignore: str) -> bool:
+    """Whether ``p`` gets a zero direction: a 1-D parameter (bias, norm affine) under ``ignore="biasbn"``."""
+    return p.dim() <= 1 and ignore == "biasbn"
 
 
 def _unit_dims(p: torch.Tensor, norm: str) -> tuple[int, ...]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_landscape._validation import check_choice
 from lightning_landscape.directions import IGNORES, NORMS, Direction, direction_scalars, direction_stream
-from lightning_landscape.params import trainable_parameters
+from lightning_landscape.params import Plane, trainable_parameters
 
 
 @dataclass(frozen=True)
@@ -95,17 +95,16 @@ class BoundDirection:
         return direction_stream(self.weights, scalars=self._scalars, **self._args(other))
 
 
-class SeededPlane:
+class SeededPlane(Plane):
     """Writes θ* + Σ_k c_k d_k into the parameters, drawing each d_k again per point, one parameter at a time.
 
-    The same interface and the same values as :class:`~lightning_landscape.params.Plane` with the
+    A :class:`~lightning_landscape.params.Plane` giving the same values as one with the
     materialized directions, holding no direction: the extra memory is a few parameters' worth.
 
     Example:
         >>> model = nn.Linear(3, 2)
         >>> params = trainable_parameters(model)
         >>> center = {n: p.detach().clone() for n, p in params.items()}
-        >>> from lightning_landscape.params import Plane
         >>> stored = SeededDirection(seed=0).materialize(model)  # at θ*
         >>> SeededPlane(params, center, [SeededDirection(seed=0)]).set([0.5])
         >>> moved = model.weight.detach().clone()
@@ -120,11 +119,9 @@ class SeededPlane:
         center: Mapping[str, torch.Tensor],
         directions: Sequence[SeededDirection],
     ) -> None:
-        names = list(params)
-        self.targets = [params[n] for n in names]
-        self.center = [center[n] for n in names]
-        weights = {n: center[n] for n in names}
-        self.bound = [d.bind(weights) for d in directions]
+        # Plane's targets and centre (its reset is this plane's too), but no stored directions.
+        super().__init__(params, center, [])
+        self.bound = [d.bind({n: center[n] for n in params}) for d in directions]
 
     @property
     def dims(self) -> int:
@@ -161,8 +158,3 @@ class SeededPlane:
                 torch._foreach_copy_([target], [center])
                 for step, coef in zip(steps, coefs):
                     torch._foreach_add_([target], [step], alpha=float(coef))
-
-    def reset(self) -> None:
-        """Put θ* back."""
-        with torch.no_grad():
-            torch._foreach_copy_(self.targets, self.center)
