@@ -51,6 +51,42 @@ def is_last_batch(trainer: pl.Trainer) -> bool:
     return bool(getattr(progress, "is_last_batch", False))
 
 
+def training_batch_follows(trainer: pl.Trainer) -> bool:
+    """Whether the fit loop surely goes on to another training batch (of this epoch) after this one's hooks.
+
+    Conservative: ``False`` whenever this batch may be the last, a stop was asked for, the step
+    limit is reached, or validation may run before the next batch (Lightning's own rule, by batch
+    count; any time-based validation interval counts as "may"). A snapshot copy left running past
+    this batch is only safe while nothing but the next forward and backward pass follows: epoch-end,
+    validation and fit-end hooks of other callbacks may change the weights in place.
+
+    Internal: ``fit_loop.epoch_loop`` (``batch_progress``, ``batch_idx``, ``total_batch_idx``) and
+    ``trainer._val_check_time_interval``; no hook argument says what comes next.
+
+    Example:
+        >>> training_batch_follows(pl.Trainer(accelerator="cpu", devices=1, logger=False))
+        False
+    """
+    loop = getattr(trainer.fit_loop, "epoch_loop", None)
+    progress = getattr(loop, "batch_progress", None)
+    if loop is None or progress is None or getattr(progress, "is_last_batch", True):
+        return False
+    if trainer.should_stop or (trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps):
+        return False
+    if not trainer.enable_validation:
+        return True
+    every_n = trainer.check_val_every_n_epoch
+    if every_n is not None and (trainer.current_epoch + 1) % every_n != 0:
+        return True  # no validation in this epoch
+    if getattr(trainer, "_val_check_time_interval", None) is not None:
+        return False
+    val_check_batch = trainer.val_check_batch
+    if not isinstance(val_check_batch, int) or val_check_batch < 1:
+        return False  # an iterable without a length validates at its (unknown) end
+    iteration = getattr(loop, "total_batch_idx" if every_n is None else "batch_idx", None)
+    return isinstance(iteration, int) and (iteration + 1) % val_check_batch != 0
+
+
 def spawned(trainer: pl.Trainer) -> bool:
     """Whether this process is a child that ``ddp_spawn``/``ddp_fork`` started (its results die with it).
 

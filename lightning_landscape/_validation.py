@@ -25,6 +25,13 @@ def check_choice(name: str, value: Any, accepted: Iterable[Any]) -> Any:
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool (numpy's too), else raise ``ValueError`` (a string such as "no" is not one)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`{name}`={value!r} is not valid; expected True or False.")
+    return bool(value)
+
+
 def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
     """Return ``value`` if it is an int >= 1 (or None when allowed), else raise ``ValueError``."""
     if value is None and allow_none:

@@ -16,7 +16,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from lightning_landscape import LandscapeWarning, TrajectoryPCA
-from lightning_landscape.trajectory import AUTO_FLOAT16_PARAMS, SnapshotStore, _npy, checks
+from lightning_landscape.trajectory import AUTO_FLOAT16_PARAMS, SnapshotStore, _npy, blocks, checks
 
 from .helpers import small_fit
 
@@ -271,3 +271,176 @@ def test_deferred_device_copies_are_the_weights_before_the_fenced_change(tmp_pat
     for k in range(5):
         assert torch.equal(bits(store.get(k)), bits(expected[k]))
     store.close()
+
+
+class HeldCopies:
+    """Makes the writer thread's copies of deferred snapshots wait for ``go`` (the training thread's copies do not)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.go = threading.Event()
+        self.started = threading.Event()
+        real = blocks.fill_row
+
+        def fill_row(row, tensors, **kwargs):
+            if threading.current_thread() is not threading.main_thread():
+                self.started.set()
+                assert self.go.wait(10)
+            return real(row, tensors, **kwargs)
+
+        monkeypatch.setattr(blocks, "fill_row", fill_row)
+
+
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+def test_deferred_cpu_copies_run_on_the_writer_and_are_the_weights_before_the_fenced_change(
+    tmp_path, monkeypatch, storage
+):
+    held = HeldCopies(monkeypatch)
+    params = [torch.randn(300, 7), torch.randn(11)]
+    expected = []
+    store = SnapshotStore(2111, dtype="float16", storage=storage, snapshot_dir=tmp_path, block_rows=2)
+    for k in range(5):
+        expected.append(torch.cat([p.reshape(-1) for p in params]).half().float())
+        store.append(params, step=k, epoch=0, defer=True)  # returns while the writer's copy waits
+        assert held.started.wait(10)
+        held.started.clear()
+        held.go.set()
+        store.fence()  # what TrajectoryPCA does before the optimizer step
+        held.go.clear()
+        with torch.no_grad():
+            for p in params:
+                p.mul_(-1.5).add_(1.0)  # the "optimizer step"
+    store.flush()
+    for k in range(5):
+        assert torch.equal(bits(store.get(k)), bits(expected[k]))
+    store.close()
+
+
+@pytest.mark.parametrize("storage", ["memory", "disk"])
+def test_a_change_before_the_fence_drops_the_deferred_snapshot_and_rolls_the_store_back(tmp_path, monkeypatch, storage):
+    held = HeldCopies(monkeypatch)
+    params = [torch.randn(40), torch.randn(3, 3)]
+    store = SnapshotStore(49, storage=storage, snapshot_dir=tmp_path)
+    store.append(params, step=0, epoch=0)
+    kept = store.get(0).clone() if storage == "memory" else None
+    store.append(params, step=1, epoch=0, defer=True)
+    assert held.started.wait(10)
+    with torch.no_grad():
+        params[1].add_(1.0)  # in place, before the copy is done and before any fence
+    held.go.set()
+    store.fence()
+    with pytest.raises(checks.SnapshotChangedError, match=r"snapshot 1: 1 of its 2 tensors \(the first at index 1\)"):
+        store.append(params, step=2, epoch=0)
+    assert len(store) == 1 and store.steps == [0]
+    store.append(params, step=2, epoch=0)  # goes on from the snapshots kept
+    assert store.steps == [0, 2]
+    assert torch.equal(store.get(1), torch.cat([p.reshape(-1) for p in params]))
+    if kept is not None:
+        assert torch.equal(store.get(0), kept)
+    store.close()
+
+
+class DeferSpy:
+    """Records the ``defer`` argument of every SnapshotStore.append."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[tuple[int, bool]] = []
+        real = SnapshotStore.append
+        spy = self
+
+        def append(store, vec, *, step, epoch, defer=False):
+            spy.calls.append((step, defer))
+            return real(store, vec, step=step, epoch=epoch, defer=defer)
+
+        monkeypatch.setattr(SnapshotStore, "append", append)
+
+    @property
+    def deferred(self) -> list[int]:
+        return [step for step, defer in self.calls if defer]
+
+
+def test_copies_overlap_only_where_another_training_batch_surely_follows(tmp_path, monkeypatch):
+    # 6 batches an epoch, validation after the 3rd and the 6th, stopped at step 11 (5th batch of epoch 2).
+    spy = DeferSpy(monkeypatch)
+    cb = TrajectoryPCA(every_n_steps=1, resolution=3, num_batches=1, progress=False)
+    small_fit(tmp_path, [cb], max_epochs=3, max_steps=11, val_check_interval=3)
+    assert [s for s, _ in spy.calls] == list(range(12))
+    assert spy.deferred == [1, 2, 4, 5, 7, 8, 10]  # not at fit start, before validation, at epoch ends, at the end
+
+
+def test_no_overlap_when_turned_off_or_the_module_has_batch_hooks_or_optimizes_manually(tmp_path, monkeypatch):
+    from .helpers import DigitsClassifier, DigitsDataModule
+
+    class Clamped(DigitsClassifier):
+        def on_train_batch_end(self, *args):  # runs after the callbacks' hook: may change the weights
+            pass
+
+    class Manual(DigitsClassifier):
+        def __init__(self) -> None:
+            super().__init__(channels=4)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            loss = torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            return loss
+
+        def landscape_step(self, batch):
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    import pytorch_lightning as pl
+
+    spy = DeferSpy(monkeypatch)
+    for model, kwargs in [
+        (DigitsClassifier(channels=4), {"overlap_copy": False}),
+        (Clamped(channels=4), {}),
+        (Manual(), {}),
+        (DigitsClassifier(channels=4), {}),
+    ]:
+        spy.calls.clear()
+        cb = TrajectoryPCA(every_n_steps=1, resolution=3, num_batches=1, progress=False, **kwargs)
+        trainer = pl.Trainer(
+            max_epochs=1, accelerator="cpu", logger=False, callbacks=[cb], enable_progress_bar=False,
+            enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(model, DigitsDataModule(batch_size=32, num_train=192))
+        assert len(spy.calls) == 7
+        assert spy.deferred == ([] if type(model) is not DigitsClassifier or kwargs else [1, 2, 3, 4, 5]), model
+
+
+class Touch(Callback):
+    """After TrajectoryPCA's hook at step ``at``: an in-place write that leaves the values as they are."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == self.at:
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.mul_(1.0)
+
+
+def test_a_weight_change_during_an_overlapped_copy_drops_that_snapshot_and_later_ones_are_copied_at_once(
+    tmp_path, monkeypatch
+):
+    real = blocks.fill_row
+
+    def slow_on_the_writer(row, tensors, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            threading.Event().wait(0.2)  # the copy is still running when the next hook changes the weights
+        return real(row, tensors, **kwargs)
+
+    monkeypatch.setattr(blocks, "fill_row", slow_on_the_writer)
+    spy = DeferSpy(monkeypatch)
+    cb = TrajectoryPCA(every_n_steps=1, resolution=3, num_batches=1, progress=False, snapshot_dtype="float32")
+    recorder = HandRecorder(cb, 1, None)
+    with pytest.warns(LandscapeWarning, match=r"snapshot 2: .*changed in place.*dropped.*overlap_copy=False"):
+        small_fit(tmp_path, [cb, Touch(at=2), recorder], max_epochs=1)
+    assert spy.deferred == [1, 2]  # then no more
+    assert recorder.steps == [0, 1, 3, 4, 5, 6]
+    for step, row in zip(recorder.steps, recorder.stored):
+        assert torch.equal(bits(row), bits(recorder.rows[step])), step
+    assert cb.pca is not None

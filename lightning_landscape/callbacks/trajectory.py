@@ -25,6 +25,7 @@ from lightning_landscape.callbacks._base import (
     misconfigured,
 )
 from lightning_landscape.callbacks._distributed import Collectives, HandedOff
+from lightning_landscape.callbacks._snapshots import may_overlap, open_store, warn_changed, warn_write_failed
 from lightning_landscape.errors import LandscapeWarning
 from lightning_landscape.metrics import check_metric_names
 from lightning_landscape.plots import pca_axis_labels, plot_contour, plot_path
@@ -34,6 +35,7 @@ from lightning_landscape.trajectory import (
     DTYPE_CHOICES,
     STORAGES,
     PCAResult,
+    SnapshotChangedError,
     SnapshotStore,
     TooFewSnapshotsError,
     check_max_memory_mb,
@@ -61,9 +63,10 @@ class TrajectoryPCA(LandscapeCallback):
     streams them through the K x K Gram matrix, so disk mode holds about two model
     copies while training and under three during the PCA, however many snapshots
     there are. A snapshot is one copy of the parameters straight into the store
-    (file writes on a background thread); on a GPU it goes to pinned memory on a
-    side stream, and the training stream waits for it only before the next
-    optimizer step (and at epoch ends and validation), never the host.
+    (file writes on a background thread), made while the next batch's forward and
+    backward pass run (``overlap_copy``): on the writer thread on CPU, to pinned
+    memory on a side stream on a GPU. The next optimizer step waits for it (on a
+    GPU, the training stream does, never the host).
 
     Logged (rank zero): figures ``trajectory/contour_path`` and ``trajectory/path``,
     scalars ``trajectory/explained_variance_pc1`` and ``_pc2``, and a ``.npz`` with
@@ -97,6 +100,14 @@ class TrajectoryPCA(LandscapeCallback):
         bn: BatchNorm statistics at each point of the PCA plane: ``"eval"`` (as stored) or
             ``"recompute"`` (one pass over the data at the point's weights), as in
             :class:`~lightning_landscape.LossSurface`.
+        overlap_copy: copy each ``every_n_steps`` snapshot while the next batch's forward and
+            backward pass run (on the writer thread, or a side stream on a GPU); the next
+            optimizer step waits for the copy. Only where nothing but that batch can come first
+            (not at an epoch's last batch, before validation or the fit's end, nor under manual
+            optimization). A snapshot whose weights changed in place before that step (seen
+            through their version counters) is dropped with a warning, and later copies are made
+            before training goes on; ``False`` makes them so from the start (for a module that
+            changes its weights outside the optimizer through ``.data``, which no counter sees).
 
     Raises:
         MisconfigurationException: both or neither of ``every_n_steps`` and
@@ -139,6 +150,7 @@ class TrajectoryPCA(LandscapeCallback):
         on_error: Literal["warn", "raise"] = "warn",
         resume: bool = True,
         bn: Literal["eval", "recompute"] = "eval",
+        overlap_copy: bool = True,
     ) -> None:
         super().__init__()
         self.init_common(
@@ -174,6 +186,7 @@ class TrajectoryPCA(LandscapeCallback):
         self.bn = misconfigured(v.check_choice, "bn", bn, BN_POLICIES)
         self.log_scale = None if log_scale is None else bool(log_scale)
         self.resume = bool(resume)
+        self.overlap_copy = misconfigured(v.check_bool, "overlap_copy", overlap_copy)
         self.store: SnapshotStore | None = None
         self._names: list[str] = []
         self._params: list[torch.Tensor] = []  # what a snapshot copies, in the order of _names
@@ -236,7 +249,15 @@ class TrajectoryPCA(LandscapeCallback):
             return
         # The store copies each parameter straight into its row: no flat vector per snapshot.
         self._params = list(params.values())
-        self.store = self._open_store(sum(p.numel() for p in self._params))
+        restored, self._restored = self._restored, None
+        self.store = open_store(
+            restored,
+            sum(p.numel() for p in self._params),
+            dtype=self.snapshot_dtype,  # "auto" resolves with the parameter count
+            storage=self.storage,
+            max_memory_mb=self.max_memory_mb,
+            snapshot_dir=self.snapshot_dir,
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -262,7 +283,12 @@ class TrajectoryPCA(LandscapeCallback):
                 # (gradient accumulation: one snapshot per optimizer step). After an epoch's last
                 # batch that epoch counts as done, so epoch markers fall on epoch boundaries.
                 last = _lightning.is_last_batch(trainer)
-                self._snapshot(trainer, pl_module, epochs_done=trainer.current_epoch + int(last))
+                self._snapshot(
+                    trainer,
+                    pl_module,
+                    epochs_done=trainer.current_epoch + int(last),
+                    overlap=self.overlap_copy and may_overlap(trainer, pl_module),
+                )
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -315,62 +341,42 @@ class TrajectoryPCA(LandscapeCallback):
 
     # --- work -----------------------------------------------------------------------------------
 
-    def _open_store(self, num_params: int) -> SnapshotStore:
-        restored, self._restored = self._restored, None
-        if restored and restored.get("store"):
-            try:
-                store = SnapshotStore.from_state_dict(restored["store"], strict=True)
-                if store.num_params == num_params:
-                    return store
-                rank_zero_warn(
-                    "TrajectoryPCA: the checkpoint's snapshots belong to another model; starting a new trajectory.",
-                    category=LandscapeWarning,
-                )
-            except (ValueError, OSError) as err:
-                rank_zero_warn(
-                    f"TrajectoryPCA: cannot continue the checkpoint's trajectory ({err}); starting a new one.",
-                    category=LandscapeWarning,
-                )
-        return SnapshotStore(
-            num_params,
-            dtype=self.snapshot_dtype,  # "auto" resolves with the parameter count
-            storage=self.storage,
-            max_memory_mb=self.max_memory_mb,
-            snapshot_dir=self.snapshot_dir,
-        )
-
-    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, epochs_done: int) -> None:
+    def _snapshot(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, epochs_done: int, overlap: bool = False
+    ) -> None:
         self._last_step = trainer.global_step
         if self._stopped or not self._recording:
             return
-        # On a GPU the training stream waits for the copy at the next optimizer step; after an epoch's
-        # last batch it waits now, since epoch-end hooks of other callbacks may change the weights.
-        # (``defer`` is passed only where it means something: CPU snapshots are copied before append returns.)
-        cuda = bool(self._params) and self._params[0].is_cuda
-        defer = {"defer": not _lightning.is_last_batch(trainer)} if cuda else {}
+        # With ``overlap`` the copy runs during the next forward and backward pass (the writer thread on
+        # CPU, a side stream on a GPU) and the next optimizer step waits for it.
         store = self.store
         self._store_call(
-            lambda: store.append(self._params, step=trainer.global_step, epoch=epochs_done, **defer),  # type: ignore[union-attr]
+            lambda: store.append(
+                self._params, step=trainer.global_step, epoch=epochs_done, defer=overlap and self.overlap_copy
+            ),  # type: ignore[union-attr]
             trainer,
+            retry=True,
         )
 
-    def _store_call(self, action: Callable[[], Any], trainer: pl.Trainer | None = None) -> None:
+    def _store_call(self, action: Callable[[], Any], trainer: pl.Trainer | None = None, retry: bool = False) -> None:
         """Run a store call; a full or failing disk (``OSError``, also from the writer thread) stops the trajectory.
 
-        Training goes on, and the PCA uses the snapshots stored before the failure.
+        Training goes on, and the PCA uses the snapshots stored before the failure. A snapshot
+        whose weights changed while it was copied (:class:`SnapshotChangedError`, raised by the
+        call after it) is dropped: overlapped copies stop, and ``retry`` runs ``action`` again.
         """
         try:
             action()
+        except SnapshotChangedError as err:
+            self.overlap_copy = False
+            warn_changed(err, trainer)
+            if retry:
+                self._store_call(action, trainer)
         except OSError as err:
             if self._stopped:
                 return
             self._stopped = f"{err}"
-            where = f" at step {trainer.global_step}" if trainer is not None else ""
-            rank_zero_warn(
-                f"TrajectoryPCA: writing a snapshot failed{where} ({err}); no more snapshots are taken, training goes "
-                f"on, and the PCA uses the {len(self.store)} snapshot(s) stored so far.",  # type: ignore[arg-type]
-                category=LandscapeWarning,
-            )
+            warn_write_failed(err, trainer, len(self.store))  # type: ignore[arg-type]
 
     @property
     @override

@@ -42,6 +42,7 @@ from lightning_landscape.trajectory._npy import DTYPES as DTYPES
 from lightning_landscape.trajectory.checks import AUTO_FLOAT16_PARAMS as AUTO_FLOAT16_PARAMS
 from lightning_landscape.trajectory.checks import DTYPE_CHOICES as DTYPE_CHOICES
 from lightning_landscape.trajectory.checks import STORAGES as STORAGES
+from lightning_landscape.trajectory.checks import SnapshotChangedError
 from lightning_landscape.trajectory.checks import check_max_memory_mb as check_max_memory_mb
 from lightning_landscape.trajectory.pca import MIN_SNAPSHOTS as MIN_SNAPSHOTS
 from lightning_landscape.trajectory.pca import TooFewSnapshotsError, path_range, pca_directions, trajectory_pca
@@ -49,6 +50,7 @@ from lightning_landscape.trajectory.store import SnapshotStore
 
 __all__ = [
     "PCAResult",
+    "SnapshotChangedError",
     "SnapshotStore",
     "TooFewSnapshotsError",
     "flatten_parameters",

@@ -41,6 +41,7 @@ from lightning_landscape.trajectory._npy import (
     prefault,
     read_npy_header,
 )
+from lightning_landscape.trajectory.checks import SnapshotChangedError
 
 # Target size of one preallocated block (memory tensor or .npy file): large enough that a long
 # trajectory of a small model needs few files, small enough that a spare block costs little.
@@ -112,6 +113,9 @@ class SnapshotBlocks:
         self._pinned: BufferRing | None = None  # pinned host rows for copies from a CUDA device
         self._stream: Any = None  # the side CUDA stream of those copies
         self._fence: tuple[Any, torch.device] | None = None  # a device copy the training stream still has to wait for
+        self._tickets = 0  # deferred CPU copies submitted...
+        self._copied = 0  # ...the last one finished...
+        self._cpu_fence: int | None = None  # ...and the one a fence still has to wait for
         self._faulted = 0  # memory rows [0, _faulted) are pre-faulted...
         self._fault_asked = 0  # ...and [_faulted, _fault_asked) are queued for it
         self._spill: deque[tuple[int, torch.Tensor]] = deque()  # memory rows still to write to disk
@@ -239,21 +243,52 @@ class SnapshotBlocks:
             with torch.no_grad():
                 self._write_from_device(i, tensors, defer)
             return
+        self.fence()  # one copy in flight at a time
         index, row = self._locate(i)
         block = self.blocks[index]
         if block.tensor is not None:
+            if defer:  # the worker runs the row's pre-faulting first: tasks run in order
+                self._copy_later(i, block.tensor[row], tensors)
+                return
             if self._faulted <= i < self._fault_asked:
                 self._worker.wait(until=lambda: self._faulted > i)  # normally long done
             fill_row(block.tensor[row], tensors)
             return
         buf = self._staging.acquire()  # waits while max_pending rows are in flight: back-pressure
         try:
-            fill_row(buf, tensors)
+            if defer:
+                self._copy_later(i, buf, tensors)
+            else:
+                fill_row(buf, tensors)
         except BaseException:
             self._staging.release(buf)
             raise
         self._drain_spill(SPILL_PER_WRITE)
         self._worker.submit(i, partial(self._writer.write, index, block, row, buf), partial(self._staging.release, buf))
+
+    def _copy_later(self, i: int, row: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+        """Have the worker copy the CPU ``tensors`` into ``row`` (snapshot ``i``) while training goes on.
+
+        :meth:`fence` waits for it; the caller calls that before anything changes the tensors.
+        Their version counters are read now and again after the copy: a change in between (an
+        in-place write the fence did not hold back) fails the snapshot with
+        :class:`SnapshotChangedError` instead of storing a mix of two steps.
+        """
+        self._tickets += 1
+        ticket, versions = self._tickets, [t._version for t in tensors]
+
+        def copy() -> None:
+            fill_row(row, tensors)
+            changed = [n for n, (t, v) in enumerate(zip(tensors, versions)) if t._version != v]
+            if changed:
+                raise SnapshotChangedError(
+                    f"snapshot {i}: {len(changed)} of its {len(tensors)} tensors (the first at index {changed[0]}) "
+                    "were changed in place while the snapshot was being copied"
+                )
+            self._copied = ticket  # worker thread; the fence's waiter is woken when the task ends
+
+        self._cpu_fence = ticket
+        self._worker.submit(i, copy)
 
     def _write_from_device(self, i: int, tensors: Sequence[torch.Tensor], defer: bool) -> None:
         """Copy the CUDA ``tensors`` to a pinned row on a side stream; the worker lands it as row ``i``.
@@ -290,7 +325,14 @@ class SnapshotBlocks:
         self._worker.submit(i, land, partial(self._pinned.release, buf))
 
     def fence(self) -> None:
-        """Make the current stream of the last device copy's device wait for that copy (on the GPU, not the host)."""
+        """Wait for the last deferred copy: a CPU copy on the host, a device copy on the device's current stream.
+
+        A CPU copy that failed (or was skipped after an earlier failure) ends the wait too; its
+        error comes from :meth:`take_error`.
+        """
+        if self._cpu_fence is not None:
+            ticket, self._cpu_fence = self._cpu_fence, None
+            self._worker.wait(until=lambda: self._copied >= ticket)
         if self._fence is not None:
             event, device = self._fence
             torch.cuda.current_stream(device).wait_event(event)

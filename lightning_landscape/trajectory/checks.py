@@ -40,6 +40,21 @@ STATE_KEYS = (
 )
 
 
+class SnapshotChangedError(RuntimeError):
+    """A deferred snapshot's tensors were changed in place while it was being copied; it was not stored.
+
+    Raised (like a failed disk write) by the store call after the copy, with the store rolled back
+    to the snapshots before it. ``SnapshotStore.append(..., defer=True)`` copies on the writer
+    thread until the next :meth:`~lightning_landscape.trajectory.SnapshotStore.fence`; an in-place
+    change before that fence (seen through the tensors' version counters) would store a mix of
+    two steps, so the snapshot fails instead.
+
+    Example:
+        >>> isinstance(SnapshotChangedError("snapshot 3: ..."), RuntimeError)
+        True
+    """
+
+
 def check_max_memory_mb(value: Any) -> float:
     """``max_memory_mb`` as a float; ``ValueError`` naming it unless it is a finite number >= 0.
 

@@ -198,11 +198,15 @@ class SnapshotStore:
         """Store one snapshot: a 1-D tensor of P values, or a list of tensors of P values together (the parameters).
 
         The values are copied once, straight into the store's row (no intermediate flat vector),
-        rounded to the storage dtype on the way; the caller may change them once this returns.
+        rounded to the storage dtype on the way; the caller may change them once this returns or,
+        with ``defer``, once :meth:`fence` has (``TrajectoryPCA`` calls it before each optimizer
+        step, so the copy overlaps the forward and backward pass). Deferred CPU tensors are copied
+        on the writer thread; if one of them is changed in place before the copy is done, the
+        snapshot is not stored and the next store call raises
+        :class:`~lightning_landscape.trajectory.SnapshotChangedError`.
         CUDA tensors are copied without blocking to a pinned host buffer on a side stream that
         first waits for the current stream; the current stream then waits for the copy (on the
-        device, never the host) right away or, with ``defer``, at :meth:`fence` (``TrajectoryPCA``
-        calls it before each optimizer step, so the copy overlaps the forward and backward pass).
+        device, never the host) right away or, with ``defer``, at :meth:`fence`.
 
         Raises:
             ValueError: if ``vec`` is not floating tensors of P elements, or ``step``/``epoch``
@@ -232,7 +236,10 @@ class SnapshotStore:
         self._blocks.prefault_ahead(row + 1, budget)
 
     def fence(self) -> None:
-        """Make the current CUDA stream wait for the last device copy (see :meth:`append`); a no-op without one.
+        """Wait for the last deferred copy (see :meth:`append`).
+
+        CPU copies are waited for on the host, device ones on the current CUDA stream. A no-op
+        without one.
 
         Example:
             >>> SnapshotStore(2, storage="memory").fence()

@@ -1,0 +1,73 @@
+"""How TrajectoryPCA opens its snapshot store and when a snapshot's copy may overlap training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities.model_helpers import is_overridden
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+
+from lightning_landscape import _lightning
+from lightning_landscape.errors import LandscapeWarning
+from lightning_landscape.trajectory import SnapshotStore
+
+
+def open_store(restored: dict[str, Any] | None, num_params: int, **options: Any) -> SnapshotStore:
+    """The checkpoint's store where it belongs to this model, else a new one built with ``options``.
+
+    A trajectory that cannot be continued (another model, missing snapshot files) warns and
+    starts again: losing the earlier path must not stop the training that resumed.
+    """
+    if restored and restored.get("store"):
+        try:
+            store = SnapshotStore.from_state_dict(restored["store"], strict=True)
+            if store.num_params == num_params:
+                return store
+            rank_zero_warn(
+                "TrajectoryPCA: the checkpoint's snapshots belong to another model; starting a new trajectory.",
+                category=LandscapeWarning,
+            )
+        except (ValueError, OSError) as err:
+            rank_zero_warn(
+                f"TrajectoryPCA: cannot continue the checkpoint's trajectory ({err}); starting a new one.",
+                category=LandscapeWarning,
+            )
+    return SnapshotStore(num_params, **options)
+
+
+def may_overlap(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    """Whether the snapshot after this batch may be copied while the next batch runs (``overlap_copy``).
+
+    Only where nothing but the next forward and backward pass comes before the optimizer step
+    that waits for it: epoch-end, validation and fit-end hooks of other callbacks, a manually
+    optimized module, and the module's own batch hooks (they run after the callbacks', e.g. a
+    weight clamp) may change the weights in place.
+    """
+    return (
+        pl_module.automatic_optimization
+        and not any(is_overridden(hook, pl_module) for hook in ("on_train_batch_end", "on_train_batch_start"))
+        and _lightning.training_batch_follows(trainer)
+    )
+
+
+def warn_changed(err: Exception, trainer: pl.Trainer | None) -> None:
+    """Warn that an overlapped snapshot copy was dropped because the weights changed during it."""
+    where = f" (raised at step {trainer.global_step})" if trainer is not None else ""
+    rank_zero_warn(
+        f"TrajectoryPCA: {err}{where}, so that snapshot was dropped. Something changed the weights in "
+        "place after `on_train_batch_end` and before the next optimizer step (another callback's or "
+        "the module's hook?). Snapshots are copied before training goes on from now on; pass "
+        "`overlap_copy=False` to do so from the start.",
+        category=LandscapeWarning,
+    )
+
+
+def warn_write_failed(err: OSError, trainer: pl.Trainer | None, stored: int) -> None:
+    """Warn that a snapshot write failed and the trajectory stops with the ``stored`` snapshots."""
+    where = f" at step {trainer.global_step}" if trainer is not None else ""
+    rank_zero_warn(
+        f"TrajectoryPCA: writing a snapshot failed{where} ({err}); no more snapshots are taken, training goes "
+        f"on, and the PCA uses the {stored} snapshot(s) stored so far.",
+        category=LandscapeWarning,
+    )
