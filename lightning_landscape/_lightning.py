@@ -69,7 +69,7 @@ def training_batch_follows(trainer: pl.Trainer) -> bool:
     """
     loop = getattr(trainer.fit_loop, "epoch_loop", None)
     progress = getattr(loop, "batch_progress", None)
-    if loop is None or progress is None or getattr(progress, "is_last_batch", True):
+    if not trainer.training or loop is None or progress is None or getattr(progress, "is_last_batch", True):
         return False
     if trainer.should_stop or (trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps):
         return False

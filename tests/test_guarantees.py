@@ -286,10 +286,10 @@ def test_a_full_snapshot_disk_stops_the_snapshots_and_training_goes_on(tmp_path,
 
     real = SnapshotStore.append
 
-    def append(self, vec, *, step, epoch):
+    def append(self, vec, *, step, epoch, defer=False):
         if len(self) >= 4:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, vec, step=step, epoch=epoch)
+        return real(self, vec, step=step, epoch=epoch, defer=defer)
 
     monkeypatch.setattr(SnapshotStore, "append", append)
     cb = TrajectoryPCA(every_n_steps=1, resolution=3, num_batches=1, progress=False, storage="disk")

@@ -197,16 +197,14 @@ class SnapshotStore:
     def append(self, vec: torch.Tensor | Sequence[torch.Tensor], *, step: int, epoch: int, defer: bool = False) -> None:
         """Store one snapshot: a 1-D tensor of P values, or a list of tensors of P values together (the parameters).
 
-        The values are copied once, straight into the store's row (no intermediate flat vector),
-        rounded to the storage dtype on the way; the caller may change them once this returns or,
-        with ``defer``, once :meth:`fence` has (``TrajectoryPCA`` calls it before each optimizer
-        step, so the copy overlaps the forward and backward pass). Deferred CPU tensors are copied
-        on the writer thread; if one of them is changed in place before the copy is done, the
-        snapshot is not stored and the next store call raises
-        :class:`~lightning_landscape.trajectory.SnapshotChangedError`.
-        CUDA tensors are copied without blocking to a pinned host buffer on a side stream that
-        first waits for the current stream; the current stream then waits for the copy (on the
-        device, never the host) right away or, with ``defer``, at :meth:`fence`.
+        The values are copied once, straight into the store's row, rounded to the storage dtype
+        on the way; the caller may change them once this returns or, with ``defer``, once
+        :meth:`fence` has (``TrajectoryPCA`` calls it before each optimizer step, so the copy
+        overlaps the forward and backward pass). Deferred CPU tensors are copied on the writer
+        thread; one changed in place before its copy is done is not stored and the next store
+        call raises :class:`~lightning_landscape.trajectory.SnapshotChangedError`. CUDA tensors
+        go without blocking to a pinned host buffer on a side stream; the current stream waits
+        for the copy (on the device) right away or, with ``defer``, at :meth:`fence`.
 
         Raises:
             ValueError: if ``vec`` is not floating tensors of P elements, or ``step``/``epoch``
@@ -238,8 +236,7 @@ class SnapshotStore:
     def fence(self) -> None:
         """Wait for the last deferred copy (see :meth:`append`).
 
-        CPU copies are waited for on the host, device ones on the current CUDA stream. A no-op
-        without one.
+        CPU copies are waited for on the host, device ones on the current CUDA stream.
 
         Example:
             >>> SnapshotStore(2, storage="memory").fence()
@@ -249,9 +246,8 @@ class SnapshotStore:
     def check_errors(self) -> None:
         """Raise the error of a background write that failed, after rolling the store back to the snapshots before it.
 
-        The snapshot whose write failed and every later one leave the count, steps and epochs;
-        the files stay (rows past the count are unused) and appends go on from there. The error
-        is the original one (an ``OSError`` for a full disk), raised once.
+        The failed snapshot and every later one leave the count, steps and epochs (their rows
+        are reused by later appends); the error is the original one, raised once.
 
         Example:
             >>> store = SnapshotStore(2, storage="memory")
@@ -487,8 +483,7 @@ class SnapshotStore:
     def close(self, *, delete: bool = False) -> None:
         """Release the blocks. Files are removed when ``delete`` or when the store made its own temporary directory.
 
-        Calling it twice is harmless. The error of a failed background write is raised after
-        everything is released.
+        Calling it twice is harmless; a failed background write's error is raised after the release.
 
         Example:
             >>> store = SnapshotStore(2, storage="disk")
