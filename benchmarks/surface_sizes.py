@@ -10,7 +10,9 @@ of 500x500, batch 256), each in a fresh process per mode and repeat (interleaved
   default mode, since they are what it holds);
 for memory="default" (θ*, δ, η) and memory="low" (θ* only, directions drawn again per point), and
 with --modes bf16 / compile: the default mode with dtype="bf16" or compile=True (inductor), timed
-after a one-point surface that pays the compilation, with the loss error at θ* against fp32.
+after a one-point surface that pays the compilation, with the loss error at θ* against fp32; with
+--modes ppf4 / ppf16: points_per_forward=4 or 16 (the last line prints each mode's time over the
+default's). --models mlp-2k adds the digits-sized MLP (64-32-10, batch 64), overhead-bound.
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ def _problem(name: str):
     if name == "resnet20":
         model = _resnet20()
         x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    elif name == "mlp-2k":  # the digits MLP: a forward of 64 samples is mostly per-call overhead
+        model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+        x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
     else:
         model = nn.Sequential(*[m for _ in range(10) for m in (nn.Linear(500, 500), nn.Tanh(), nn.Linear(500, 500))])
         x, y = torch.randn(256, 500), torch.randint(0, 500, (256,))
@@ -90,6 +95,10 @@ def _reset_peak() -> None:
         f.write("5")  # the peak (VmHWM) starts again from the current resident size
 
 
+#: Evaluation modes: memory="default"/"low", dtype="bf16", compile=True, points_per_forward=4/16 (ppf4, ppf16).
+MODES = ["default", "low", "bf16", "compile", "ppf4", "ppf16"]
+
+
 def worker(name: str, memory: str, steps: int) -> dict:
     import torch
     from torch.nn import functional as F
@@ -108,9 +117,11 @@ def worker(name: str, memory: str, steps: int) -> dict:
     first = SeededDirection(seed=0)
     dirs = [first, SeededDirection(seed=1, orthogonal_to=first)]
     coords = [np.linspace(-1, 1, steps)] * 2
-    extra = {"bf16": {"dtype": "bf16"}, "compile": {"compile": True}}.get(memory, {})
-    if extra:  # a one-point surface first: compiling (or autocast's first call) is not a per-point cost
-        loss_surface(model, data, dirs, [np.zeros(1)] * 2, loss_fn=F.cross_entropy, progress=False, **extra)
+    extra = {"bf16": {"dtype": "bf16"}, "compile": {"compile": True}, "ppf4": {"points_per_forward": 4}}.get(memory, {})
+    extra = {"points_per_forward": 16} if memory == "ppf16" else extra
+    if extra:  # a small surface first: compiling (autocast's, vmap's first call) is not a per-point cost
+        warm = [np.array([-1e-3, 0.0]), np.array([-1e-3, 0.0])] if "points_per_forward" in extra else [np.zeros(1)] * 2
+        loss_surface(model, data, dirs, warm, loss_fn=F.cross_entropy, progress=False, **extra)
     error = None
     # One plain forward's working memory (activations), measured the same way: an analysis needs
     # it too, and the allocator keeps it between points; the copies counted are beyond it.
@@ -148,8 +159,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--models", nargs="+", default=["resnet20", "mlp-5M"], choices=["resnet20", "mlp-5M"])
-    parser.add_argument("--modes", nargs="+", default=["default", "low"], choices=["default", "low", "bf16", "compile"])
+    parser.add_argument("--models", nargs="+", default=["resnet20", "mlp-5M"], choices=["resnet20", "mlp-5M", "mlp-2k"])
+    parser.add_argument("--modes", nargs="+", default=["default", "low"], choices=MODES)
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -178,6 +189,10 @@ def main() -> None:
             f"| {name} | {rows[0]['params']:,} | {memory} | {np.median([r['ratio'] for r in rows]):.2f} | "
             f"{np.median([r['copies'] for r in rows]):.2f} | {'-' if error is None else f'{error:.1e}'} |"
         )
+    for (name, memory), rows in runs.items():
+        if memory != "default" and (name, "default") in runs:
+            base = np.median([r["ratio"] for r in runs[(name, "default")]])
+            print(f"{name}: {memory} time / default time = {np.median([r['ratio'] for r in rows]) / base:.2f}")
     print("\ntargets: per point / one forward <= 1.0; copies <= 3 (default) and <= 1 (low); low <= 1.15x default time")
 
 

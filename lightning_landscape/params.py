@@ -189,6 +189,7 @@ class Plane:
         directions: Sequence[Mapping[str, torch.Tensor]],
     ) -> None:
         names = list(params)
+        self.names = names
         self.targets = [params[n] for n in names]
         self.center = [center[n] for n in names]
         self.steps = [[d[n].to(device=params[n].device, dtype=params[n].dtype) for n in names] for d in directions]

@@ -25,6 +25,7 @@ from lightning_landscape.errors import LandscapeWarning
 from lightning_landscape.metrics import METRIC_NAMES, check_metric_names, is_metric, metric_from_name
 from lightning_landscape.progress import track
 from lightning_landscape.results import Landscape
+from lightning_landscape.surface.stacked import check_points_per_forward, stacked_batch_loss
 
 
 def as_metric_dict(metrics: Any) -> dict[str, Any]:
@@ -107,6 +108,10 @@ class GridEvaluator:
         compile: ``True`` (or a ``torch.compile`` backend name) evaluates through
             ``torch.compile(model)``, compiled at the first point and reused for the others; where
             compiling fails it warns once and evaluates eagerly.
+        points_per_forward: grid points evaluated together, K weight sets in one ``vmap``-ed call
+            per batch (:mod:`~lightning_landscape.surface.stacked`; K model copies of memory). With
+            ``bn="eval"``, eagerly; where the loss cannot be vmapped it warns once and goes on one
+            point at a time.
 
     Example:
         >>> from lightning_landscape import make_batch_loss
@@ -131,8 +136,10 @@ class GridEvaluator:
         bn_batches: list[Any] | None = None,
         dtype: str = "model",
         compile: bool | str | Callable[..., Any] = False,
+        points_per_forward: int = 1,
     ) -> None:
         check_positive_int("num_batches", num_batches, allow_none=True)
+        self.points_per_forward = check_points_per_forward(points_per_forward, bn, compile)
         self.dtype = check_choice("dtype", dtype, EVAL_DTYPES)
         if not (isinstance(compile, bool) or (isinstance(compile, str) and compile) or callable(compile)):
             raise ValueError(
@@ -157,6 +164,7 @@ class GridEvaluator:
             self._set_sync(metric)
         self.num_samples: int | None = None
         self._sums: torch.Tensor | None = None
+        self._point_metrics: list[dict[str, Any]] = []
 
     def evaluate(self, model: nn.Module, *, exact: bool = False) -> dict[str, float]:
         """Loss and metrics at the model's current weights; puts the model in eval mode.
@@ -199,11 +207,49 @@ class GridEvaluator:
         sums[1] = count
         if self.reduce is not None:
             sums = self.reduce(sums)
-        return self._read(sums)
+        return self._read(sums, self.metrics)
 
-    def _read(self, sums: torch.Tensor) -> dict[str, float]:
+    def evaluate_stacked(self, model: nn.Module, weights: dict[str, torch.Tensor], k: int) -> list[dict[str, float]]:
+        """Loss and metrics of ``k`` points at once, their trainable weights stacked in ``weights``.
+
+        ``weights`` maps each trainable parameter's name to a tensor of ``k`` weight sets
+        (:class:`~lightning_landscape.surface.stacked.StackedPlane`); the model's own values are not
+        used or changed. Puts the model in eval mode. One ``vmap``-ed call per batch.
+        """
+        model.eval()
+        with_outputs = bool(self.metrics)
+        for metrics in self._point_metrics:
+            for metric in metrics.values():
+                metric.reset()
+        sums = torch.zeros(k, 2, dtype=torch.float64, device=self.device)
+        count = 0
+        autocast = self.dtype == "bf16"
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+            for batch in self.batches:
+                loss, n, outputs, targets = stacked_batch_loss(model, self.batch_loss, batch, weights, with_outputs)
+                sums[:, 0].add_(loss.detach().to(torch.float64), alpha=n)
+                count += n
+                if with_outputs:
+                    for j, metrics in enumerate(self._metrics_for(k, outputs)):
+                        for metric in metrics.values():
+                            metric.update(outputs[j], targets)
+        sums[:, 1] = count
+        if self.reduce is not None:
+            sums = self.reduce(sums)
+        point_metrics = self._point_metrics[:k] if with_outputs else [{}] * k
+        return [self._read(sums[j], metrics) for j, metrics in enumerate(point_metrics)]
+
+    def _metrics_for(self, k: int, outputs: torch.Tensor) -> list[dict[str, Any]]:
+        """``k`` reset copies of the metrics (one per stacked point), built on the first call of a chunk."""
+        if any(m is None for m in self.metrics.values()):
+            self._build_metrics(outputs[0])
+        while len(self._point_metrics) < k:
+            self._point_metrics.append({name: copy.deepcopy(m) for name, m in self.metrics.items()})
+        return self._point_metrics[:k]
+
+    def _read(self, sums: torch.Tensor, metrics: dict[str, Any]) -> dict[str, float]:
         """The point's loss and metrics from the summed ``[loss x samples, samples]``, with one host sync."""
-        computed = {name: metric.compute() for name, metric in self.metrics.items()}
+        computed = {name: metric.compute() for name, metric in metrics.items()}
         scalars = [
             v.detach().reshape(()).to(device=sums.device, dtype=torch.float64)
             for v in computed.values()
@@ -278,6 +324,7 @@ class GridEvaluator:
         progress: bool | None = None,
         description: str = "landscape",
         on_point: Callable[[Landscape], None] | None = None,
+        stack_points: Callable[[list[tuple[int, ...]]], dict[str, torch.Tensor]] | None = None,
     ) -> Landscape:
         """Evaluate every point of ``landscape`` not yet evaluated, writing results in place.
 
@@ -285,19 +332,48 @@ class GridEvaluator:
         Points are written one by one, so an interruption leaves a consistent partial result.
         ``progress``: a bar (True; None on a terminal), log lines (None off a terminal), nothing (False).
         ``on_point(landscape)`` runs after each point (e.g. to save a partial result).
+        With ``points_per_forward`` K > 1 and ``stack_points(indices)`` (the stacked trainable
+        weights of those points, see :meth:`evaluate_stacked`), K points are evaluated per call
+        and ``on_point`` runs after each K.
         """
         todo = [idx for idx in np.ndindex(*landscape.shape) if not landscape.evaluated[idx]]  # type: ignore[index]
-        cost = f"{len(self.batches)} forward pass(es)"
-        for idx in track(todo, len(todo), description=description, progress=progress, unit_cost=cost):
-            set_point(idx)
-            point = self.evaluate(model)
-            for name, value in point.items():
-                if name not in landscape.values:
-                    landscape.values[name] = np.full(landscape.shape, np.nan)
-                landscape.values[name][idx] = value
-            landscape.evaluated[idx] = True  # type: ignore[index]
+        k = self.points_per_forward if stack_points is not None else 1
+        chunks = [todo[i : i + k] for i in range(0, len(todo), k)]
+        cost = f"{len(self.batches)} forward pass(es)" + (f" of {k} points" if k > 1 else "")
+        for chunk in track(chunks, len(chunks), description=description, progress=progress, unit_cost=cost):
+            for idx, point in zip(chunk, self._evaluate_chunk(model, chunk, set_point, stack_points), strict=True):
+                for name, value in point.items():
+                    if name not in landscape.values:
+                        landscape.values[name] = np.full(landscape.shape, np.nan)
+                    landscape.values[name][idx] = value
+                landscape.evaluated[idx] = True  # type: ignore[index]
             if on_point is not None:
                 on_point(landscape)
         landscape.metadata["num_nonfinite"] = landscape.num_nonfinite
         landscape.metadata["num_samples"] = self.num_samples
         return landscape
+
+    def _evaluate_chunk(
+        self,
+        model: nn.Module,
+        chunk: list[tuple[int, ...]],
+        set_point: Callable[[tuple[int, ...]], None],
+        stack_points: Callable[[list[tuple[int, ...]]], dict[str, torch.Tensor]] | None,
+    ) -> list[dict[str, float]]:
+        """The chunk's points: stacked when it has several, else one by one through ``set_point``."""
+        if len(chunk) > 1 and stack_points is not None and self.points_per_forward > 1:
+            try:
+                return self.evaluate_stacked(model, stack_points(chunk), len(chunk))
+            except Exception as error:  # noqa: BLE001  # a loss vmap cannot run: one point at a time, said once
+                warnings.warn(
+                    f"`points_per_forward`={self.points_per_forward}: the loss could not be evaluated for several "
+                    f"points at once ({type(error).__name__}: {str(error)[:200]}); evaluating one point at a time.",
+                    LandscapeWarning,
+                    stacklevel=4,
+                )
+                self.points_per_forward = 1
+        points = []
+        for idx in chunk:
+            set_point(idx)
+            points.append(self.evaluate(model))
+        return points

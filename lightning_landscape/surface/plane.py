@@ -20,6 +20,7 @@ from lightning_landscape.seeded import SeededDirection, SeededPlane
 from lightning_landscape.state import preserved_state
 from lightning_landscape.surface.evaluator import GridEvaluator, compile_label
 from lightning_landscape.surface.resume import PartialSaver, checkpointed, fingerprint, load_partial
+from lightning_landscape.surface.stacked import StackedPlane
 
 
 def surface_from_evaluator(
@@ -61,7 +62,7 @@ def surface_from_evaluator(
     """
     params = trainable_parameters(model)
     check_finite_weights(params)  # before any grid point is spent
-    dirs = _checked_directions(model, directions, params, memory)
+    dirs = _checked_directions(model, directions, params, memory, evaluator.points_per_forward)
     grid = as_grid_coords(coords, len(dirs))
     meta = {
         "kind": "surface",
@@ -93,14 +94,7 @@ def surface_from_evaluator(
         plane = make_plane(params, state.parameters, dirs)
 
         def evaluate_grid(on_point: Any) -> Landscape:
-            def set_point(idx: tuple[int, ...]) -> None:
-                plane.set([float(grid[axis][i]) for axis, i in enumerate(idx)])
-
-            if grid_share is None:
-                return evaluator.run(
-                    model, landscape, set_point, progress=progress, description="loss surface", on_point=on_point
-                )
-            return _run_shared_grid(evaluator, model, landscape, set_point, grid_share, combine, progress)
+            return _run_grid(evaluator, model, landscape, plane, grid, on_point, grid_share, combine, progress)
 
         checkpointed(evaluate_grid, PartialSaver(save_to), landscape)
         if "center_loss" not in landscape.metadata:
@@ -119,20 +113,41 @@ def surface_from_evaluator(
     return landscape
 
 
-def _run_shared_grid(
+def _run_grid(
     evaluator: GridEvaluator,
     model: nn.Module,
     landscape: Landscape,
-    set_point: Callable[[tuple[int, ...]], None],
-    grid_share: tuple[int, int],
+    plane: Plane,
+    grid: Sequence[np.ndarray],
+    on_point: Any,
+    grid_share: tuple[int, int] | None,
     combine: Callable[[np.ndarray], np.ndarray] | None,
     progress: bool | None,
 ) -> Landscape:
-    """Evaluate this process's share of the grid (flat index ≡ rank mod world), then join the shares."""
+    """Evaluate the grid's missing points through ``plane`` (``points_per_forward`` of them at a time, stacked).
+
+    With ``grid_share=(rank, world)`` only this process's share (flat index ≡ rank mod world), then
+    the shares are joined with ``combine``.
+    """
+
+    def coefs(idx: tuple[int, ...]) -> list[float]:
+        return [float(grid[axis][i]) for axis, i in enumerate(idx)]
+
+    def set_point(idx: tuple[int, ...]) -> None:
+        plane.set(coefs(idx))
+
+    stacked = StackedPlane(plane.names, plane.center, plane.steps) if evaluator.points_per_forward > 1 else None
+
+    def stack(idxs: list[tuple[int, ...]]) -> dict:
+        return stacked.stack([coefs(i) for i in idxs])  # type: ignore[union-attr]
+
+    run = dict(progress=progress, description="loss surface", stack_points=None if stacked is None else stack)
+    if grid_share is None:
+        return evaluator.run(model, landscape, set_point, on_point=on_point, **run)  # type: ignore[arg-type]
     rank, world = grid_share
     own = (np.arange(landscape.loss.size).reshape(landscape.shape) % world) == rank
     landscape.evaluated[~own] = True  # type: ignore[index]  # the other processes' points
-    evaluator.run(model, landscape, set_point, progress=progress, description="loss surface")
+    evaluator.run(model, landscape, set_point, **run)  # type: ignore[arg-type]
     for name, values in landscape.values.items():
         mine = np.where(own, values, 0.0)  # a NaN of the owner survives the sum, the zeros add nothing
         landscape.values[name] = mine if combine is None else combine(mine)
@@ -143,9 +158,14 @@ def _run_shared_grid(
 MEMORY_MODES = ("default", "low")
 
 
-def _checked_directions(model: nn.Module, directions: Any, params: dict, memory: str) -> list:
+def _checked_directions(model: nn.Module, directions: Any, params: dict, memory: str, points: int = 1) -> list:
     """The directions as a list: stored ones checked against the model, recipes materialized unless ``memory="low"``."""
     check_choice("memory", memory, MEMORY_MODES)
+    if memory == "low" and points > 1:
+        raise ValueError(
+            f"`points_per_forward`={points} holds that many model copies; "
+            "memory='low' holds one. Use memory='default' or points_per_forward=1."
+        )
     listed = [directions] if isinstance(directions, SeededDirection) else as_direction_list(directions)
     seeded = [isinstance(d, SeededDirection) for d in listed]
     if memory == "low":
@@ -195,6 +215,7 @@ def loss_surface(
     memory: str = "default",
     dtype: str = "model",
     compile: bool | str | Callable[..., Any] = False,
+    points_per_forward: int = 1,
 ) -> Landscape:
     """Loss (and metrics) on a 1-D or 2-D slice θ* + αδ + βη through the model's weights.
 
@@ -230,6 +251,10 @@ def loss_surface(
         compile: ``True`` or a backend name: forward passes through ``torch.compile(model)``,
             eager with a warning where compiling fails. With either, ``metadata`` records the
             loss at θ* evaluated exactly and the relative error (``center_loss_rel_error``).
+        points_per_forward: evaluate this many grid points per forward pass, their weights
+            stacked and the loss ``vmap``-ed (K model copies; with ``bn="eval"``, ``memory="default"``,
+            no ``compile``). Faster where a forward pass is mostly overhead, slower where it is
+            compute-bound (README "Performance").
 
     Returns:
         a :class:`Landscape` with ``values["loss"]`` of shape ``(len(α),)`` or ``(len(α), len(β))``.
@@ -259,6 +284,7 @@ def loss_surface(
         bn=bn,
         dtype=dtype,
         compile=compile,
+        points_per_forward=points_per_forward,
     )
     return surface_from_evaluator(
         model, evaluator, dirs, grid, progress=progress, metadata=metadata, resume=resume, memory=memory
