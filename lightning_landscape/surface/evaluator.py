@@ -341,7 +341,12 @@ class GridEvaluator:
         chunks = [todo[i : i + k] for i in range(0, len(todo), k)]
         cost = f"{len(self.batches)} forward pass(es)" + (f" of {k} points" if k > 1 else "")
         for chunk in track(chunks, len(chunks), description=description, progress=progress, unit_cost=cost):
-            for idx, point in zip(chunk, self._evaluate_chunk(model, chunk, set_point, stack_points), strict=True):
+            if k > 1:
+                points = self._evaluate_chunk(model, chunk, set_point, stack_points)
+            else:  # only evaluate(): other evaluators borrow this loop (callbacks/swa.py)
+                set_point(chunk[0])
+                points = [self.evaluate(model)]
+            for idx, point in zip(chunk, points, strict=True):
                 for name, value in point.items():
                     if name not in landscape.values:
                         landscape.values[name] = np.full(landscape.shape, np.nan)
