@@ -16,8 +16,8 @@ page cache holding a disk basis is the kernel's, not the process's, and is not c
 is unnamed and goes away with the run); its size is printed beside. One more row repeats the
 first with glibc's mmap threshold fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``): then every large
 block returns to the system when freed, which separates what the call holds live from what the
-allocator keeps. ``hessian_check`` itself holds one model copy in its state guard
-(``preserved_state``: the weights, restored on exit), counted here.
+allocator keeps. ``hessian_check`` guards the model read-only
+(``preserved_state(read_only=True)``: the weights are checked on exit, not copied).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import os
 import random
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ class ModelState:
     ``parameters`` and ``buffers`` are detached copies of the values on entry,
     keyed by name; an analysis may use them as its reference point (for
     example the centre θ* of a loss surface) instead of copying the model again.
+    A read-only record (``copied=False``) holds detached views of the live parameters
+    instead, and ``versions`` what each was on entry: its storage address, version counter
+    and sum (the sum catches writes through ``.data``, which the counter does not see).
 
     Example:
         >>> state = capture_state(nn.Linear(2, 1))
@@ -43,6 +46,8 @@ class ModelState:
     requires_grad: dict[str, bool]
     training: dict[str, bool]
     rng: dict[str, object] = field(repr=False, default_factory=dict)
+    copied: bool = True
+    versions: dict[str, tuple[int, int, float]] = field(repr=False, default_factory=dict)
 
 
 def capture_rng() -> dict[str, object]:
@@ -71,24 +76,62 @@ def restore_rng(state: dict[str, object]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])  # type: ignore[arg-type]
 
 
-def capture_state(model: nn.Module) -> ModelState:
+def capture_state(model: nn.Module, *, copy_parameters: bool = True) -> ModelState:
     """Record ``model``'s complete state (see :func:`preserved_state`).
+
+    ``copy_parameters=False`` records views of the parameters and their version counters
+    instead of copies (a read-only analysis: see :func:`check_unchanged`).
 
     Example:
         >>> model = nn.Linear(2, 1)
         >>> state = capture_state(model)
-        >>> sorted(state.parameters)
-        ['bias', 'weight']
+        >>> sorted(state.parameters), capture_state(model, copy_parameters=False).copied
+        (['bias', 'weight'], False)
     """
     with torch.no_grad():
-        parameters = {name: p.detach().clone() for name, p in model.named_parameters()}
+        named = dict(model.named_parameters())
+        parameters = {name: p.detach().clone() if copy_parameters else p.detach() for name, p in named.items()}
+        versions = {} if copy_parameters else _identities(named)
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     # The .grad tensors are not copied: they are detached from the parameters and
     # re-attached on exit, so whatever an analysis does to gradients never touches them.
     grads = {name: p.grad for name, p in model.named_parameters()}
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     training = {name: m.training for name, m in model.named_modules()}
-    return ModelState(parameters, buffers, grads, requires_grad, training, capture_rng())
+    return ModelState(parameters, buffers, grads, requires_grad, training, capture_rng(), copy_parameters, versions)
+
+
+def _identities(named: dict[str, torch.Tensor]) -> dict[str, tuple[int, int, float]]:
+    """Per parameter: storage address, version counter and sum (one host sync for all the sums)."""
+    if not named:
+        return {}
+    with torch.no_grad():
+        sums = torch.stack([p.detach().sum().to(device="cpu", dtype=torch.float64) for p in named.values()]).tolist()
+    return {name: (p.data_ptr(), p._version, total) for (name, p), total in zip(named.items(), sums)}
+
+
+def _same(a: tuple[int, int, float] | None, b: tuple[int, int, float]) -> bool:
+    return a is not None and a[:2] == b[:2] and (a[2] == b[2] or (a[2] != a[2] and b[2] != b[2]))  # NaN == NaN
+
+
+def check_unchanged(model: nn.Module, state: ModelState) -> None:
+    """``RuntimeError`` if a parameter of a read-only record was written in place or replaced since.
+
+    Its values were not copied, so they could not be restored: an analysis that promised not to
+    write the weights and did is a bug, reported instead of leaving the model silently changed.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> state = capture_state(model, copy_parameters=False)
+        >>> check_unchanged(model, state)
+    """
+    now = _identities(dict(model.named_parameters()))
+    changed = [name for name, seen in now.items() if not _same(state.versions.get(name), seen)]
+    if changed:
+        raise RuntimeError(
+            f"a read-only analysis changed the parameters {changed[:5]} in place; they were not "
+            "copied and cannot be restored (a bug: please report it)."
+        )
 
 
 def restore_state(model: nn.Module, state: ModelState, *, grads: bool = True) -> None:
@@ -105,10 +148,13 @@ def restore_state(model: nn.Module, state: ModelState, *, grads: bool = True) ->
         >>> torch.equal(model.weight, state.parameters["weight"]), model.training
         (True, True)
     """
+    if not state.copied:
+        check_unchanged(model, state)
     # Restoring must work even when the analysis failed inside inference mode.
     with torch.inference_mode(False), torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(state.parameters[name])
+            if state.copied:
+                p.copy_(state.parameters[name])
             p.requires_grad_(state.requires_grad[name])
             p.grad = state.grads[name] if grads else None
         for name, b in model.named_buffers():
@@ -159,7 +205,7 @@ _ACTIVE: dict[int, ModelState] = {}
 
 
 @contextmanager
-def preserved_state(model: nn.Module) -> Iterator[ModelState]:
+def preserved_state(model: nn.Module, *, read_only: bool = False) -> Iterator[ModelState]:
     """Run a block of analysis code and leave ``model`` exactly as it was.
 
     On entry the parameters, buffers, ``requires_grad`` flags, ``.grad`` tensors,
@@ -169,12 +215,18 @@ def preserved_state(model: nn.Module) -> Iterator[ModelState]:
     optimizers and other holders of the parameter objects keep working.
     Inside the block ``.grad`` is ``None`` on every parameter.
 
+    ``read_only=True`` is for a block that never writes the weights (a Hessian check): their
+    values are not copied, one model copy less, and on exit :func:`check_unchanged` verifies
+    that they were not written (a ``RuntimeError`` otherwise). Everything else is recorded and
+    restored as always.
+
     Inside the block torch uses at most as many threads as the CPUs this process may run on
     (:func:`bounded_threads`), and the C allocator keeps the memory it frees between the block's
     forward passes (:func:`~lightning_landscape.allocator.retained_memory`). Guards nest at no
     cost: inside a guard on the same model (a callback's, around an engine's own), the inner
     guard copies nothing, yields the outer record and restores the model to it on exit, so an
-    analysis holds one copy of the model.
+    analysis holds one copy of the model. (Only a writing block inside a read-only guard copies
+    the weights, for its own duration.)
 
     Example:
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
@@ -186,15 +238,21 @@ def preserved_state(model: nn.Module) -> Iterator[ModelState]:
         True
         >>> model.training, torch.equal(model[0].weight, state.parameters["0.weight"])
         (True, True)
+        >>> with preserved_state(model, read_only=True) as state:
+        ...     state.copied, model(torch.ones(2)).shape
+        (False, torch.Size([2]))
     """
     outer = _ACTIVE.get(id(model))
-    if outer is not None:
+    if outer is not None and (outer.copied or read_only):
         try:
             yield outer
         finally:
             restore_state(model, outer, grads=False)
         return
-    state = capture_state(model)
+    if outer is not None:  # a writing block inside a read-only guard: it records the weights itself
+        yield from _nested_copy(model, outer)
+        return
+    state = capture_state(model, copy_parameters=not read_only)
     _ACTIVE[id(model)] = state
     for p in model.parameters():
         p.grad = None
@@ -204,6 +262,20 @@ def preserved_state(model: nn.Module) -> Iterator[ModelState]:
     finally:
         del _ACTIVE[id(model)]
         restore_state(model, state)
+
+
+def _nested_copy(model: nn.Module, outer: ModelState) -> Iterator[ModelState]:
+    check_unchanged(model, outer)
+    with torch.no_grad():
+        copied = {name: p.detach().clone() for name, p in model.named_parameters()}
+    state = replace(outer, parameters=copied, copied=True, versions={})
+    _ACTIVE[id(model)] = state
+    try:
+        yield state
+    finally:
+        _ACTIVE[id(model)] = outer
+        restore_state(model, state, grads=False)
+        outer.versions = _identities(dict(model.named_parameters()))  # the same values, new version counters
 
 
 @contextmanager

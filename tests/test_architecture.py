@@ -38,7 +38,7 @@ class _OnFitEnd(Callback):
 def test_one_state_record_per_analysis(tmp_path, monkeypatch):
     calls = []
     real = state.capture_state
-    monkeypatch.setattr(state, "capture_state", lambda model: calls.append(1) or real(model))
+    monkeypatch.setattr(state, "capture_state", lambda model, **kw: calls.append(1) or real(model, **kw))
     cb = LossSurface(dims=1, resolution=3, progress=False, dirpath=str(tmp_path / "out"))
     start = _OnFitEnd(lambda module: calls.clear())
     small_fit(tmp_path, [start, cb], max_epochs=1)

@@ -93,21 +93,25 @@ def check_dirpath_argument(name: str, dirpath: str | os.PathLike | None) -> str 
 
 
 @contextlib.contextmanager
-def analysis_context(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[ModelState]:
+def analysis_context(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, *, read_only: bool = False
+) -> Iterator[ModelState]:
     """Prepare ``pl_module`` for an analysis and leave everything as it was.
 
     The module is moved to the strategy's device (Lightning moves it to CPU before
     ``on_fit_end``) and only then recorded by the state guard, so the guard's copy lives
     where the analysis runs and the engines' own guards reuse it (one copy of the model).
     Inside: the precision plugin's forward context, ``self.log`` silenced (it raises in
-    fit-end hooks). On exit the module is restored bit for bit and moved back.
+    fit-end hooks). On exit the module is restored bit for bit and moved back. ``read_only``:
+    the analysis never writes the weights, which are then checked instead of copied (see
+    :func:`~lightning_landscape.preserved_state`).
     """
     original_device = model_device(pl_module)
     try:
         pl_module.to(trainer.strategy.root_device)
         # isolate_rng: Lightning's own guard of the global RNGs (CUDA included) around the whole
         # analysis; preserved_state records the model (and, for the Lightning-free core, the RNGs).
-        with isolate_rng(), preserved_state(pl_module) as state, _silenced_logging(pl_module):
+        with isolate_rng(), preserved_state(pl_module, read_only=read_only) as state, _silenced_logging(pl_module):
             with trainer.precision_plugin.forward_context(), torch.inference_mode(False):
                 yield state
     finally:

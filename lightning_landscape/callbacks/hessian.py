@@ -135,7 +135,7 @@ class HessianSpectrum(LandscapeCallback):
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> HessianReport:
         """Compute the report now (all ranks), then write and log it (rank zero)."""
         self.output_dir(trainer)  # a collective when not resolved at setup: every rank takes part
-        with analysis_context(trainer, pl_module):
+        with analysis_context(trainer, pl_module, read_only=True):
             evaluator, source = self.build_evaluator(trainer, pl_module)
             report = hessian_check(
                 pl_module,

@@ -241,7 +241,7 @@ def hessian_check(
 
     start = time.perf_counter()
     op = HessianOperator(model, data, batch_loss, num_batches=num_batches, reduce=reduce, agree=agree)
-    with preserved_state(model):
+    with preserved_state(model, read_only=True):  # products never write the weights: no copy of them
         model.eval()
         loss = finite_loss(op)
         eig = lanczos_extremes(op, top_k, lambda_min, tol, eig_rng, maxiter, max_basis, basis=basis)
