@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.nn import functional as F
 
-from lightning_landscape import Landscape, LossSurface
+from lightning_landscape import Landscape, LandscapeWarning, LossSurface
 
 from .helpers import eval_loss, small_fit
 
@@ -202,6 +203,18 @@ def test_loss_fn_and_landscape_step_take_precedence(tmp_path):
     assert cb2.landscape.metadata["center_loss"] == pytest.approx(1.5 * doubled, rel=1e-6)
 
 
+def test_points_per_forward_gives_the_one_point_surface(tmp_path):
+    common = {"resolution": 5, "progress": False, "metrics": ["accuracy"], "dirpath": str(tmp_path / "out")}
+    one = LossSurface(name="one", **common)
+    four = LossSurface(name="four", points_per_forward=4, **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LandscapeWarning)  # the module's loss vmaps: no fallback to one point
+        small_fit(tmp_path, [one, four], max_epochs=1)
+    np.testing.assert_allclose(four.landscape.loss, one.landscape.loss, rtol=1e-5)
+    np.testing.assert_array_equal(four.landscape.values["accuracy"], one.landscape.values["accuracy"])
+    assert np.ptp(one.landscape.loss) > 0.1  # 25 distinct points: a mix-up would show
+
+
 def test_sees_the_weights_swapped_in_by_swa(tmp_path):
     cb = LossSurface(dims=1, resolution=3, progress=False)
     trainer, model, dm = small_fit(
@@ -229,6 +242,9 @@ def test_sees_the_weights_swapped_in_by_swa(tmp_path):
         ({"memory": "tiny"}, r"`memory`='tiny'.*'default', 'low'"),
         ({"dtype": "fp16"}, r"`dtype`='fp16'.*'model', 'bf16'"),
         ({"memory": "low", "directions": "hessian"}, r"`memory`='low'.*directions='random'"),
+        ({"points_per_forward": 0}, r"`points_per_forward`=0.*integer >= 1"),
+        ({"points_per_forward": 4, "bn": "recompute"}, r"`points_per_forward`=4 needs bn='eval'"),
+        ({"points_per_forward": 4, "memory": "low"}, r"`points_per_forward`=4.*memory='low' holds one"),
     ],
 )
 def test_bad_arguments_raise_misconfiguration(kwargs, match):

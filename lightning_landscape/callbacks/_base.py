@@ -394,14 +394,15 @@ class LandscapeCallback(Callback):
         num_batches: int | None = -1,
         bn: str = "eval",
         dtype: str = "model",
+        points_per_forward: int = 1,
     ) -> tuple[GridEvaluator, str]:
         """The grid evaluator over this fit's data: batches cached on the strategy's device once
         (converted by the precision plugin, as for training), the module's loss (see
         :func:`module_batch_loss`), metrics built from the first outputs, per-point sums reduced
         across processes (``num_batches`` is per process, as Lightning's ``limit_*_batches``), the
         BatchNorm policy ``bn`` (``"recompute"`` averages the statistics over all processes' batches;
-        a module without BatchNorm was warned about at fit start), the evaluation ``dtype``. Returns it
-        with the name of the loss source."""
+        a module without BatchNorm was warned about at fit start), the evaluation ``dtype`` and
+        ``points_per_forward``. Returns it with the name of the loss source."""
         batches = self.cached_batches(trainer, num_batches)
         # DistributedSampler's padding repeats samples of other shards: each sample is counted once.
         batches = drop_padding(batches, _lightning.fit_dataloader(trainer, self.data))
@@ -414,6 +415,7 @@ class LandscapeCallback(Callback):
             reduce=Collectives(trainer).reduce,
             bn=bn if has_batchnorm(pl_module) else "eval",
             dtype=dtype,
+            points_per_forward=points_per_forward,
         )
         return evaluator, source
 

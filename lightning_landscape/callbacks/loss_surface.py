@@ -33,6 +33,7 @@ from lightning_landscape.seeded import SeededDirection
 from lightning_landscape.surface import GridEvaluator, surface_from_evaluator
 from lightning_landscape.surface.evaluator import EVAL_DTYPES
 from lightning_landscape.surface.plane import MEMORY_MODES
+from lightning_landscape.surface.stacked import check_points_per_forward
 from lightning_landscape.trackers import write_files
 
 #: Where the plane's directions come from.
@@ -123,6 +124,10 @@ class LossSurface(LandscapeCallback):
             grid point's forward passes under bfloat16 autocast (faster on GPUs with bf16 units,
             slower on most CPUs); the result's metadata then holds the loss at θ* evaluated
             exactly and the relative error, ``center_loss_rel_error``.
+        points_per_forward: grid points evaluated per forward pass, their weights stacked and
+            the module's loss ``vmap``-ed (that many model copies; see
+            ``loss_surface(points_per_forward=...)``). Needs ``bn="eval"`` and ``memory="default"``;
+            a loss ``vmap`` cannot trace warns once and is evaluated one point at a time.
 
     Raises:
         MisconfigurationException: for an invalid argument (in ``__init__``), or
@@ -171,6 +176,7 @@ class LossSurface(LandscapeCallback):
         directions: Literal["random", "hessian"] = "random",
         memory: Literal["default", "low"] = "default",
         dtype: Literal["model", "bf16"] = "model",
+        points_per_forward: int = 1,
     ) -> None:
         super().__init__()
         self.init_common(
@@ -214,6 +220,12 @@ class LossSurface(LandscapeCallback):
             raise MisconfigurationException(
                 "`memory`='low' draws the directions again from their seeds at every point, which Hessian "
                 "eigenvectors do not have; use directions='random' or memory='default'."
+            )
+        self.points_per_forward = misconfigured(check_points_per_forward, points_per_forward, self.bn, False)
+        if self.points_per_forward > 1 and self.memory == "low":
+            raise MisconfigurationException(
+                f"`points_per_forward`={self.points_per_forward} holds that many model copies; memory='low' holds "
+                "one. Use memory='default' or points_per_forward=1."
             )
         self.ratio_resolution = misconfigured(v.check_resolution, "ratio_resolution", ratio_resolution, 2)
         #: The last computed landscape and ratio map (on every rank).
@@ -290,7 +302,9 @@ class LossSurface(LandscapeCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> tuple[GridEvaluator, list, dict[str, Any]]:
         """The evaluator over cached batches, the directions and the metadata (inside :func:`analysis_context`)."""
-        evaluator, source = self.build_evaluator(trainer, pl_module, self.metrics, bn=self.bn, dtype=self.dtype)
+        evaluator, source = self.build_evaluator(
+            trainer, pl_module, self.metrics, bn=self.bn, dtype=self.dtype, points_per_forward=self.points_per_forward
+        )
         if self.directions == "hessian":
             found = hessian_directions(
                 pl_module,
