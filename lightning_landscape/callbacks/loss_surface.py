@@ -216,17 +216,8 @@ class LossSurface(LandscapeCallback):
             )
         self.memory = misconfigured(v.check_choice, "memory", memory, MEMORY_MODES)
         self.dtype = misconfigured(v.check_choice, "dtype", dtype, EVAL_DTYPES)
-        if self.memory == "low" and self.directions == "hessian":
-            raise MisconfigurationException(
-                "`memory`='low' draws the directions again from their seeds at every point, which Hessian "
-                "eigenvectors do not have; use directions='random' or memory='default'."
-            )
         self.points_per_forward = misconfigured(check_points_per_forward, points_per_forward, self.bn, False)
-        if self.points_per_forward > 1 and self.memory == "low":
-            raise MisconfigurationException(
-                f"`points_per_forward`={self.points_per_forward} holds that many model copies; memory='low' holds "
-                "one. Use memory='default' or points_per_forward=1."
-            )
+        _check_low_memory(self.memory, self.directions, self.points_per_forward)
         self.ratio_resolution = misconfigured(v.check_resolution, "ratio_resolution", ratio_resolution, 2)
         #: The last computed landscape and ratio map (on every rank).
         self.landscape: Landscape | None = None
@@ -413,6 +404,20 @@ class LossSurface(LandscapeCallback):
             extra_files=extra_files,
             extra_figures=extra_figures,
             plotly_figure=plotly_fig,
+        )
+
+
+def _check_low_memory(memory: str, directions: str, points_per_forward: int) -> None:
+    """``memory="low"`` needs seeded directions and one point per forward pass."""
+    if memory == "low" and directions == "hessian":
+        raise MisconfigurationException(
+            "`memory`='low' draws the directions again from their seeds at every point, which Hessian "
+            "eigenvectors do not have; use directions='random' or memory='default'."
+        )
+    if memory == "low" and points_per_forward > 1:
+        raise MisconfigurationException(
+            f"`points_per_forward`={points_per_forward} holds that many model copies; memory='low' holds "
+            "one. Use memory='default' or points_per_forward=1."
         )
 
 
