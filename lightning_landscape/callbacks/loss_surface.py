@@ -33,7 +33,7 @@ from lightning_landscape.seeded import SeededDirection
 from lightning_landscape.surface import GridEvaluator, surface_from_evaluator
 from lightning_landscape.surface.evaluator import EVAL_DTYPES
 from lightning_landscape.surface.plane import MEMORY_MODES
-from lightning_landscape.surface.stacked import check_points_per_forward
+from lightning_landscape.surface.stacked import check_low_memory_points, check_points_per_forward
 from lightning_landscape.trackers import write_files
 
 #: Where the plane's directions come from.
@@ -414,11 +414,7 @@ def _check_low_memory(memory: str, directions: str, points_per_forward: int) -> 
             "`memory`='low' draws the directions again from their seeds at every point, which Hessian "
             "eigenvectors do not have; use directions='random' or memory='default'."
         )
-    if memory == "low" and points_per_forward > 1:
-        raise MisconfigurationException(
-            f"`points_per_forward`={points_per_forward} holds that many model copies; memory='low' holds "
-            "one. Use memory='default' or points_per_forward=1."
-        )
+    misconfigured(check_low_memory_points, memory, points_per_forward)
 
 
 def _check_axis_ranges(axis_ranges: Any, dims: int) -> list[list[float]] | None:

@@ -20,7 +20,7 @@ from lightning_landscape.seeded import SeededDirection, SeededPlane
 from lightning_landscape.state import preserved_state
 from lightning_landscape.surface.evaluator import GridEvaluator, compile_label
 from lightning_landscape.surface.resume import PartialSaver, checkpointed, fingerprint, load_partial
-from lightning_landscape.surface.stacked import StackedPlane
+from lightning_landscape.surface.stacked import StackedPlane, check_low_memory_points
 
 
 def surface_from_evaluator(
@@ -161,11 +161,7 @@ MEMORY_MODES = ("default", "low")
 def _checked_directions(model: nn.Module, directions: Any, params: dict, memory: str, points: int = 1) -> list:
     """The directions as a list: stored ones checked against the model, recipes materialized unless ``memory="low"``."""
     check_choice("memory", memory, MEMORY_MODES)
-    if memory == "low" and points > 1:
-        raise ValueError(
-            f"`points_per_forward`={points} holds that many model copies; "
-            "memory='low' holds one. Use memory='default' or points_per_forward=1."
-        )
+    check_low_memory_points(memory, points)
     listed = [directions] if isinstance(directions, SeededDirection) else as_direction_list(directions)
     seeded = [isinstance(d, SeededDirection) for d in listed]
     if memory == "low":

@@ -37,6 +37,19 @@ def check_points_per_forward(value: Any, bn: str, compile: Any) -> int:
     return k
 
 
+def check_low_memory_points(memory: str, points_per_forward: int) -> None:
+    """``ValueError`` for ``memory="low"`` (one model copy) with several points per forward pass (K copies).
+
+    Example:
+        >>> check_low_memory_points("default", 4)
+    """
+    if memory == "low" and points_per_forward > 1:
+        raise ValueError(
+            f"`points_per_forward`={points_per_forward} holds that many model copies; "
+            "memory='low' holds one. Use memory='default' or points_per_forward=1."
+        )
+
+
 class StackedPlane:
     """θ* + Σ_d c_kd·d_d for K points at once, as tensors with a leading dimension of K.
 
