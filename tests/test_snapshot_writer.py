@@ -7,7 +7,11 @@ back-pressure, for reusing its buffers, and for surfacing its errors with the st
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
+import resource
+import sys
 import threading
 import warnings
 
@@ -240,6 +244,50 @@ def test_memory_rows_are_prefaulted_ahead_on_the_writer_thread():
     assert seen and set(seen) == {"lightning_landscape-snapshots"}
     assert blocks._faulted > len(store)  # the next snapshot's row is ready before it is taken
     store.close()
+
+
+def _fresh_pages(num_pages: int) -> tuple[mmap.mmap, torch.Tensor]:
+    """A float32 tensor over a new anonymous mapping (and the mapping): no page of it has been touched yet."""
+    buf = mmap.mmap(-1, num_pages * mmap.PAGESIZE)
+    return buf, torch.frombuffer(buf, dtype=torch.float32)
+
+
+def _minor_faults_of(fn) -> int:
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RUSAGE_THREAD and madvise are Linux's")
+@pytest.mark.parametrize("populate", [True, False], ids=["madvise", "touch"])
+def test_prefault_leaves_no_page_fault_for_the_copy_into_the_row(populate, monkeypatch):
+    monkeypatch.setattr(_npy, "_populate_ok", populate)
+    pages = 2048  # 8 MiB with 4 KiB pages
+    _, control = _fresh_pages(pages)
+    assert _minor_faults_of(lambda: control.fill_(1.0)) >= pages // 2  # a fresh row does fault
+    _, row = _fresh_pages(pages)
+    _npy.prefault(row)
+    assert _minor_faults_of(lambda: row.fill_(2.0)) < pages // 20
+    assert bool((row == 2.0).all())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
+def test_prefault_writes_nothing_with_madvise_and_falls_back_where_the_kernel_has_no_populate(monkeypatch):
+    monkeypatch.setattr(_npy, "_populate_ok", True)
+    row = torch.arange(4096, dtype=torch.float32)
+    _npy.prefault(row)
+    if _npy._populate_ok:  # a kernel with MADV_POPULATE_WRITE: the values are left alone
+        assert torch.equal(row, torch.arange(4096, dtype=torch.float32))
+
+    def refused(addr, length, advice):
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(_npy, "_madvise", lambda: refused)
+    row = torch.ones(4096)
+    _npy.prefault(row)
+    assert _npy._populate_ok is False  # asked once, not again
+    assert int((row == 0).sum()) == 4096 // (mmap.PAGESIZE // 4)  # one zero per page: each page written
 
 
 def test_auto_dtype_is_float32_for_small_models_and_float16_from_the_threshold():

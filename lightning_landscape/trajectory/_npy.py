@@ -12,8 +12,12 @@ training thread.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import mmap
 import queue
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -259,19 +263,49 @@ class BlockReader:
         return f
 
 
+#: ``madvise`` advice that faults a range in writable without touching it (Linux >= 5.14).
+MADV_POPULATE_WRITE = 23
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise() -> Callable[[int, int, int], int] | None:
+    """libc's ``madvise`` on Linux, typed; ``None`` elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_populate_ok = True  # cleared once the kernel refuses MADV_POPULATE_WRITE (before 5.14)
+
+
 def prefault(tensor: torch.Tensor) -> None:
-    """Write one element of every memory page of the contiguous CPU tensor ``tensor``.
+    """Fault in every memory page of the contiguous CPU tensor ``tensor``, ahead of the first write to it.
 
     The first write to a fresh page costs a page fault, which on a 40 MB row takes longer than
     copying the row itself; done here, ahead of use and on the writer thread, the training
-    thread's copy into the row then takes none. The values written are zeros.
+    thread's copy into the row then takes none. On Linux >= 5.14 one ``madvise(MADV_POPULATE_WRITE)``
+    call faults the whole range in (about a quarter faster than a write per page, and the values
+    are left as they are); elsewhere one element per page is written (zero).
 
     Example:
         >>> row = torch.ones(2048)
         >>> prefault(row)
-        >>> int((row == 0).sum()) == 2048 // (mmap.PAGESIZE // 4)
-        True
+        >>> row.shape
+        torch.Size([2048])
     """
+    global _populate_ok
+    nbytes = tensor.numel() * tensor.element_size()
+    madvise = _madvise()
+    if nbytes and _populate_ok and madvise is not None:
+        start = tensor.data_ptr() & ~(mmap.PAGESIZE - 1)  # the page holding the first byte: mapped
+        if madvise(start, tensor.data_ptr() + nbytes - start, MADV_POPULATE_WRITE) == 0:
+            return
+        _populate_ok = ctypes.get_errno() != errno.EINVAL  # unknown advice: this kernel has none
     flat = tensor.view(-1)
     flat[:: max(1, mmap.PAGESIZE // flat.element_size())].zero_()
 
