@@ -1,7 +1,8 @@
 """TrajectoryPCA cost at real model sizes, measured side by side: training slowdown, snapshot memory, 16-bit storage.
 
-    python benchmarks/trajectory.py [--parts training memory dtype] [--models mlp-1M mlp-10M cnn-1M cnn-10M]
+    python benchmarks/trajectory.py [--parts training marginal memory dtype] [--models mlp-1M mlp-10M cnn-1M cnn-10M]
                                     [--repeats 5] [--threads 1] [--snapshots 50 100 200]
+                                    [--marginal-repeats 6] [--marginal-epochs 4]
 
 1. Training slowdown (``training``). Models of ``benchmarks/trajectory_sizes.py``: MLPs 64 -> w -> w -> 10
    of 0.97M and 9.8M weights (the fewest FLOPs per weight: the harshest case for a per-step
@@ -21,7 +22,17 @@
    is given for the hook share and, separately, for the paired wall slowdown. Targets: <= 3 %
    (every step), <= 0.5 % (every epoch).
 
-2. Snapshot memory (``memory``). An MLP of 5 x Linear(1000, 1000) (5,005,000 float32 parameters, one
+2. A snapshot's cost within one run (``marginal``): on a shared machine the speed of whole runs
+   moves by more than the targets, so each fit here takes ``TrajectoryPCA(every_n_steps=1)``
+   snapshots in every other block of 4 steps and compares, cycle by cycle, the median step time
+   of a block with snapshots to that of the block after it without (the first step of each block,
+   which carries the block before, is left out): the machine's drift cancels within a cycle.
+   Printed: the median over all cycles of the fits, with a bootstrap 95 % interval, for the
+   snapshot copied during the next step (``overlap_copy=True``, the default) and before training
+   goes on (``False``); and, for every epoch, one synchronous snapshot's cost over an epoch's
+   steps (validation left out, so an upper bound). Targets as above.
+
+3. Snapshot memory (``memory``). An MLP of 5 x Linear(1000, 1000) (5,005,000 float32 parameters, one
    "model copy" = 20.0 MB) and a ``SnapshotStore(P, dtype="float32", storage="disk")`` in a temporary
    directory; K snapshots are taken as the callback takes them (``append`` of the parameter list:
    copied straight into one of the store's two reused write buffers, which the writer thread
@@ -36,7 +47,7 @@
    Memory storage is shown for comparison (about K copies). Diagnostic rows rerun disk storage
    with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 1 MiB (heap fragmentation would show there).
 
-3. 16-bit storage (``dtype``). The check behind ``dtype="auto"``: see ``trajectory_sizes.dtype_check``.
+4. 16-bit storage (``dtype``). The check behind ``dtype="auto"``: see ``trajectory_sizes.dtype_check``.
    About 10 minutes; not run by default.
 
 Needs psutil (the ``bench`` extra) and scikit-learn (the digits data); the memory part reads
@@ -231,11 +242,18 @@ def memory_benchmark(counts: list[int], threads: int, memory_counts: list[int], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", choices=["training", "memory", "dtype"], default=["training", "memory"])
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["training", "marginal", "memory", "dtype"],
+        default=["training", "marginal", "memory"],
+    )
     parser.add_argument(
         "--models", nargs="+", choices=list(sizes.MODELS), default=["mlp-1M", "mlp-10M", "cnn-1M", "cnn-10M"]
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--marginal-repeats", type=int, default=6, help="alternating fits per model and copy mode")
+    parser.add_argument("--marginal-epochs", type=int, default=4, help="epochs of each alternating fit")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training runs")
     parser.add_argument("--memory-threads", type=int, default=1, help="torch threads of the memory runs")
     parser.add_argument("--snapshots", type=int, nargs="+", default=[50, 100, 200])
@@ -275,6 +293,16 @@ def main() -> None:
         runs = sizes.training_benchmark(args.models, args.repeats)
         print(f"\n## Training slowdown, {args.repeats} interleaved repeats ({time.perf_counter() - t0:.0f} s)\n")
         sizes.print_training_table(runs)
+
+    if "marginal" in args.parts:
+        quiet_lightning()
+        t0 = time.perf_counter()
+        rows = sizes.marginal_benchmark(args.models, args.marginal_repeats, args.marginal_epochs)
+        print(
+            f"\n## A snapshot's cost within one run: snapshots in alternating blocks of {sizes.BLOCK} steps, "
+            f"{args.marginal_repeats} fits of {args.marginal_epochs} epochs per row ({time.perf_counter() - t0:.0f} s)\n"
+        )
+        sizes.print_marginal_table(rows)
 
     if "dtype" in args.parts:
         sizes.print_dtype_table(sizes.dtype_check(["5k", "1M", "10M"], 3, [0.05, 0.005]))

@@ -174,6 +174,28 @@ def sized_module(name: str):
     return Sized()
 
 
+def fit_sized(name: str, epochs: int, callbacks: list, tmp: str):
+    """Seed, then fit ``sized_module(name)`` on the digits (batch 64) on one CPU process, no logger or checkpoints."""
+    import pytorch_lightning as pl
+
+    from examples.digits import DigitsDataModule
+
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=tmp,
+    )
+    trainer.fit(sized_module(name), datamodule=DigitsDataModule(batch_size=64, num_train=MODELS[name][3]))
+    return trainer
+
+
 def _timed(trajectory, calls: dict[str, list[float]]) -> None:
     """Wrap the callback's hooks: the training thread's CPU time of every call, per hook."""
     for hook in HOOKS:
@@ -192,10 +214,8 @@ def _timed(trajectory, calls: dict[str, list[float]]) -> None:
 
 def train_once(name: str, variant: str, tmp: str, epochs: int | None = None) -> dict:
     """One fit: training time on three clocks, the snapshot hooks' call times, the store's dtype and storage."""
-    import pytorch_lightning as pl
     from pytorch_lightning.callbacks import Callback
 
-    from examples.digits import DigitsDataModule
     from lightning_landscape import TrajectoryPCA
 
     class TrainTimer(Callback):
@@ -219,20 +239,7 @@ def train_once(name: str, variant: str, tmp: str, epochs: int | None = None) -> 
         # one batch) is not timed.
         trajectory = TrajectoryPCA(**every, resolution=3, num_batches=1, dirpath=tmp, progress=False)
         _timed(trajectory, calls)
-    pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        max_epochs=epochs or MODELS[name][2],
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer, *([trajectory] if trajectory else []), facts],
-        default_root_dir=tmp,
-    )
-    data = DigitsDataModule(batch_size=64, num_train=MODELS[name][3])
-    trainer.fit(sized_module(name), datamodule=data)
+    trainer = fit_sized(name, epochs or MODELS[name][2], [timer, *([trajectory] if trajectory else []), facts], tmp)
     return {"train": timer.seconds, "calls": calls, "steps": trainer.global_step, **facts.facts}
 
 
@@ -295,3 +302,123 @@ def print_training_table(runs: dict[str, dict[str, list[dict]]]) -> None:
             print(
                 f"{name}: plain runs' {clock} spread (IQR / median) {100 * spread:.1f} %, median {np.median(t):.2f} s"
             )
+
+
+# --------------------------------------------------------------------------------------------
+# marginal cost of a snapshot, within one run
+
+#: Steps per block of the alternating runs: snapshots in even blocks, none in odd ones.
+BLOCK = 4
+#: The alternating runs' TrajectoryPCA settings: default storage ("auto": memory rows here) with the copy
+#: overlapped (the default) or synchronous, and disk storage (two reused buffers, written by the writer thread).
+MARGINAL_VARIANTS = {
+    "memory, overlapped": {"overlap_copy": True},
+    "memory, synchronous": {"overlap_copy": False},
+    "disk, overlapped": {"storage": "disk"},
+}
+
+
+def alternating_fit(name: str, tmp: str, epochs: int, settings: dict) -> tuple[list[float], dict, int]:
+    """One fit with ``TrajectoryPCA(every_n_steps=1)`` whose snapshots are on in every other block of ``BLOCK`` steps.
+
+    Returns, per cycle (an on block and the off block after it), the ratio of the median step
+    time with snapshots to that without, less one; the median wall and training-thread CPU time
+    of steps with and without (in a VM, CPU time leaves out time the host took, e.g. to back
+    fresh pages); the steps per epoch. A
+    step is timed from one ``on_train_batch_start`` to the next (validation and epoch ends are not
+    in any step). The first step of each block is dropped: it carries the block before it (a
+    snapshot's deferred copy runs during the next step), so every step counted "on" pays for
+    exactly one snapshot and every step counted "off" for none.
+    """
+    from pytorch_lightning.callbacks import Callback
+
+    from lightning_landscape import TrajectoryPCA
+
+    times: dict[int, float] = {}
+    cpu: dict[int, float] = {}
+
+    class StepTimer(Callback):
+        last: tuple[float, float] | None = None
+
+        def on_train_batch_start(self, trainer, *args) -> None:
+            now = time.perf_counter(), time.thread_time()
+            if self.last is not None:
+                times[trainer.global_step - 1] = now[0] - self.last[0]
+                cpu[trainer.global_step - 1] = now[1] - self.last[1]
+            self.last = now
+
+        def on_train_epoch_start(self, *args) -> None:
+            self.last = None
+
+        def on_validation_start(self, *args) -> None:
+            self.last = None
+
+    trajectory = TrajectoryPCA(every_n_steps=1, resolution=3, num_batches=1, dirpath=tmp, progress=False, **settings)
+    hook = trajectory.on_train_batch_end
+
+    def gated(trainer, *args, **kwargs):  # step s ends with global_step s + 1
+        if (trainer.global_step // BLOCK) % 2 == 0:
+            hook(trainer, *args, **kwargs)
+
+    trajectory.on_train_batch_end = gated
+    trainer = fit_sized(name, epochs, [StepTimer(), trajectory], tmp)
+    ratios = []
+    for start in range(0, max(times) + 1, 2 * BLOCK):
+        on = [times.get(s) for s in range(start + 1, start + BLOCK)]
+        off = [times.get(s) for s in range(start + BLOCK + 1, start + 2 * BLOCK)]
+        if None not in on and None not in off:
+            ratios.append(float(np.median(on) / np.median(off) - 1))
+    steps = {"on": [s for s in times if (s // BLOCK) % 2 == 0 and s % BLOCK], "off": []}
+    steps["off"] = [s for s in times if (s // BLOCK) % 2 == 1 and s % BLOCK]
+    medians = {
+        f"{k} {c}": float(np.median([t[s] for s in v]))
+        for k, v in steps.items()
+        for c, t in (("wall", times), ("cpu", cpu))
+    }
+    return ratios, medians, trainer.num_training_batches
+
+
+def marginal_benchmark(names: list[str], repeats: int, epochs: int) -> list[dict]:
+    """Per model and ``MARGINAL_VARIANTS`` entry: the cycles of ``repeats`` alternating fits, the variants interleaved."""
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            got = {v: {"ratios": [], "medians": [], "per_epoch": 0} for v in MARGINAL_VARIANTS}
+            for settings in MARGINAL_VARIANTS.values():  # warm-up
+                alternating_fit(name, tmp, 1, settings)
+            order = list(MARGINAL_VARIANTS)
+            for r in range(repeats):
+                for variant in order[r % len(order) :] + order[: r % len(order)]:
+                    ratios, medians, per_epoch = alternating_fit(name, tmp, epochs, MARGINAL_VARIANTS[variant])
+                    got[variant]["ratios"] += ratios
+                    got[variant]["medians"].append(medians)
+                    got[variant]["per_epoch"] = per_epoch
+            rows += [{"name": name, "variant": v, **g} for v, g in got.items()]
+            print(f"[{name} done]", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_marginal_table(rows: list[dict]) -> None:
+    """Markdown: a snapshot's cost per step (median over cycles, bootstrap 95 % interval) and per epoch."""
+    print(
+        "| model | storage, copy | cycles | step without / with snapshots: wall (ms) | same: training-thread CPU (ms) "
+        "| every step: slowdown (95 % CI) | met (<= 3 %) | every epoch: one snapshot / epoch | met (<= 0.5 %) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        x = np.array(r["ratios"])
+        boot = np.median(np.random.default_rng(0).choice(x, (2000, len(x))), axis=1)
+        lo, hi, med = np.percentile(boot, 2.5), np.percentile(boot, 97.5), float(np.median(x))
+        m = {k: 1e3 * np.median([d[k] for d in r["medians"]]) for k in r["medians"][0]}
+        # An epoch-end snapshot is copied before training goes on: its share of an epoch (validation not
+        # counted, so an upper bound), from the synchronous rows.
+        sync = "synchronous" in r["variant"]
+        epoch = med / r["per_epoch"]
+        print(
+            f"| {r['name']} | {r['variant']} | {len(x)} | {m['off wall']:.1f} / {m['on wall']:.1f} "
+            f"| {m['off cpu']:.1f} / {m['on cpu']:.1f} | {100 * med:+.2f} % ({100 * lo:+.2f} .. {100 * hi:+.2f}) "
+            f"| {'yes' if med <= TARGETS['step'] else 'no'} | {f'{100 * epoch:+.3f} %' if sync else ''} "
+            f"| {('yes' if epoch <= TARGETS['epoch'] else 'no') if sync else ''} |"
+        )

@@ -246,6 +246,27 @@ def test_memory_rows_are_prefaulted_ahead_on_the_writer_thread():
     store.close()
 
 
+def test_big_rows_are_prefaulted_two_ahead_one_row_per_task(monkeypatch):
+    monkeypatch.setattr(blocks, "PREFAULT_BYTES", 4000)  # a row of 1000 float32 is "big": one per task
+    store = SnapshotStore(1000, dtype="float32", storage="memory", block_rows=8)
+    tasks: list[int] = []
+    real = _npy.prefault
+
+    def spy(rows):
+        tasks.append(rows.shape[0])
+        return real(rows)
+
+    monkeypatch.setattr(blocks, "prefault", spy)
+    for k in range(5):
+        store.append(torch.full((1000,), float(k)), step=k, epoch=0)
+        assert store._blocks._fault_asked >= len(store) + 2  # the next two rows are queued or ready
+    store._blocks._worker.wait()
+    assert tasks and set(tasks) == {1}  # a copy queued behind them waits for one row at most
+    assert store._blocks._faulted == store._blocks._fault_asked <= 5 + 2 + 1
+    assert [store.get(k)[0].item() for k in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    store.close()
+
+
 def _fresh_pages(num_pages: int) -> tuple[mmap.mmap, torch.Tensor]:
     """A float32 tensor over a new anonymous mapping (and the mapping): no page of it has been touched yet."""
     buf = mmap.mmap(-1, num_pages * mmap.PAGESIZE)
@@ -269,6 +290,27 @@ def test_prefault_leaves_no_page_fault_for_the_copy_into_the_row(populate, monke
     _npy.prefault(row)
     assert _minor_faults_of(lambda: row.fill_(2.0)) < pages // 20
     assert bool((row == 2.0).all())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
+def test_prefault_asks_the_kernel_in_pieces_that_cover_the_row(monkeypatch):
+    # One call for a whole row held the memory-map lock that the training thread's mmap/munmap waits on.
+    monkeypatch.setattr(_npy, "_populate_ok", True)
+    real, calls = _npy._madvise(), []
+
+    def recorded(addr, length, advice):
+        calls.append((addr, length))
+        return real(addr, length, advice)
+
+    monkeypatch.setattr(_npy, "_madvise", lambda: recorded)
+    _, row = _fresh_pages(1000)  # 1000 pages: not a multiple of the piece
+    _npy.prefault(row)
+    if not _npy._populate_ok:
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE")
+    assert len(calls) == -(-1000 * mmap.PAGESIZE // _npy.POPULATE_BYTES) > 1
+    assert all(length <= _npy.POPULATE_BYTES for _, length in calls)
+    assert calls[0][0] == row.data_ptr() and sum(length for _, length in calls) == 1000 * mmap.PAGESIZE
+    assert all(a + n == b for (a, n), (b, _) in zip(calls, calls[1:]))  # contiguous, no gap
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")

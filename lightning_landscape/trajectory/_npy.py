@@ -265,6 +265,8 @@ class BlockReader:
 
 #: ``madvise`` advice that faults a range in writable without touching it (Linux >= 5.14).
 MADV_POPULATE_WRITE = 23
+#: Bytes faulted in per ``madvise`` call (a multiple of the page size).
+POPULATE_BYTES = 256 << 10
 
 
 @functools.lru_cache(maxsize=1)
@@ -288,9 +290,11 @@ def prefault(tensor: torch.Tensor) -> None:
 
     The first write to a fresh page costs a page fault, which on a 40 MB row takes longer than
     copying the row itself; done here, ahead of use and on the writer thread, the training
-    thread's copy into the row then takes none. On Linux >= 5.14 one ``madvise(MADV_POPULATE_WRITE)``
-    call faults the whole range in (about a quarter faster than a write per page, and the values
-    are left as they are); elsewhere one element per page is written (zero).
+    thread's copy into the row then takes none. On Linux >= 5.14 ``madvise(MADV_POPULATE_WRITE)``
+    faults the range in, 256 KiB per call (about a quarter faster than a write per page, and the
+    values are left as they are); elsewhere one element per page is written (zero). Each call holds
+    the process's memory-map lock: in one call, a 20 MB row held it for 60 ms here, and every
+    mmap/munmap of the training thread (a large tensor's allocation or free) waited for it.
 
     Example:
         >>> row = torch.ones(2048)
@@ -302,8 +306,12 @@ def prefault(tensor: torch.Tensor) -> None:
     nbytes = tensor.numel() * tensor.element_size()
     madvise = _madvise()
     if nbytes and _populate_ok and madvise is not None:
-        start = tensor.data_ptr() & ~(mmap.PAGESIZE - 1)  # the page holding the first byte: mapped
-        if madvise(start, tensor.data_ptr() + nbytes - start, MADV_POPULATE_WRITE) == 0:
+        start, end = tensor.data_ptr() & ~(mmap.PAGESIZE - 1), tensor.data_ptr() + nbytes  # first page: mapped
+        # In pieces: the call holds the process's memory-map lock, which the training thread's own
+        # mmap/munmap (every large tensor it allocates or frees) has to wait for.
+        while start < end and madvise(start, min(POPULATE_BYTES, end - start), MADV_POPULATE_WRITE) == 0:
+            start += POPULATE_BYTES
+        if start >= end:
             return
         _populate_ok = ctypes.get_errno() != errno.EINVAL  # unknown advice: this kernel has none
     flat = tensor.view(-1)

@@ -48,8 +48,9 @@ from lightning_landscape.trajectory.checks import SnapshotChangedError
 BLOCK_BYTES = 64 * 2**20
 # At most this many rows per block, so a tiny model does not preallocate room for thousands of snapshots.
 MAX_BLOCK_ROWS = 1024
-# Memory rows are pre-faulted this far (at least one row) ahead of the snapshot count: enough that the
-# next snapshot's row is always ready, little enough that spare rows cost little.
+# Memory rows are pre-faulted this far (at least two rows) ahead of the snapshot count, in tasks of at most
+# this size (or one row): enough that the next snapshot's row is always ready, little enough that spare
+# rows cost little.
 PREFAULT_BYTES = 16 * 2**20
 # After a spill, each new disk row is queued behind at most this many of the old rows: the spill drains
 # in the background, a few rows per snapshot, instead of stalling the next snapshot behind all of them.
@@ -156,15 +157,19 @@ class SnapshotBlocks:
             self.capacity += new_rows
 
     def prefault_ahead(self, count: int, budget_rows: int | None = None) -> None:
-        """Have the worker pre-fault the memory rows the next snapshots take (about 16 MiB past ``count``).
+        """Have the worker pre-fault the memory rows the next snapshots take (16 MiB and two rows past ``count``).
 
         In chunks: nothing is queued while more than half of that is still ready, so a small model's
-        snapshots do not each wake the worker. Blocks are added for them within ``budget_rows``,
-        never past it (that would spill).
+        snapshots do not each wake the worker. Big rows are faulted two ahead: faulting fresh pages
+        can take longer than a training step (in a VM whose host backs them lazily, 20 MB took
+        6-70 ms here), and a snapshot whose row is not ready waits for it. One task per row (or
+        per 16 MiB of small rows), so a deferred copy queued behind them waits for one at most.
+        Blocks are added for them within ``budget_rows``, never past it (that would spill).
         """
         if self.storage != "memory":
             return
-        ahead = max(1, PREFAULT_BYTES // (self.num_params * self.itemsize))
+        per_task = max(1, PREFAULT_BYTES // (self.num_params * self.itemsize))
+        ahead = max(2, per_task)
         target = count + ahead
         if budget_rows is not None:
             target = min(target, budget_rows)
@@ -174,8 +179,8 @@ class SnapshotBlocks:
             self.reserve(target, count, budget_rows)
         first = 0
         for block in self.blocks:
-            lo, hi = max(self._fault_asked, first), min(target, first + block.rows)
-            if lo < hi:
+            for lo in range(max(self._fault_asked, first), min(target, first + block.rows), per_task):
+                hi = min(target, first + block.rows, lo + per_task)
                 rows = block.tensor[lo - first : hi - first]  # type: ignore[index]
                 self._worker.submit(NO_ROW, partial(prefault, rows), partial(self._faulted_to, hi))
                 self._fault_asked = hi
