@@ -36,8 +36,10 @@ def test_read_only_copies_no_weight_and_restores_the_rest():
 @pytest.mark.parametrize("how", ["in place", "through .data", "replaced"])
 def test_a_write_inside_a_read_only_guard_is_an_error_naming_the_parameter(how):
     model = _model()
+    grad = model[0].weight.grad = torch.ones(4, 3)
     with pytest.raises(RuntimeError, match=r"read-only analysis changed the parameters \['2.bias'\]"):
         with preserved_state(model, read_only=True):
+            model.eval()
             if how == "in place":
                 with torch.no_grad():
                     model[2].bias.add_(1.0)
@@ -45,6 +47,7 @@ def test_a_write_inside_a_read_only_guard_is_an_error_naming_the_parameter(how):
                 model[2].bias.data.mul_(3.0).add_(0.5)
             else:
                 model[2].bias.data = torch.zeros(2)
+    assert model.training and model[0].weight.grad is grad  # the rest is restored before the error
 
 
 def test_a_writing_block_inside_a_read_only_guard_copies_and_restores_for_itself():
