@@ -27,10 +27,12 @@
    snapshots in every other block of 4 steps and compares, cycle by cycle, the median step time
    of a block with snapshots to that of the block after it without (the first step of each block,
    which carries the block before, is left out): the machine's drift cancels within a cycle.
-   Printed: the median over all cycles of the fits, with a bootstrap 95 % interval, for the
-   snapshot copied during the next step (``overlap_copy=True``, the default) and before training
-   goes on (``False``); and, for every epoch, one synchronous snapshot's cost over an epoch's
-   steps (validation left out, so an upper bound). Targets as above.
+   Printed: the median over all cycles of the fits, with a bootstrap 95 % interval, for memory
+   rows with the copy made during the next step (``overlap_copy=True``, the default) or before
+   training goes on (``False``), and for ``storage="disk"``; the median step with and without
+   snapshots on the wall clock and the training thread's CPU clock; and, for every epoch, one
+   synchronous snapshot's cost over an epoch's steps (validation left out, so an upper bound).
+   Targets as above.
 
 3. Snapshot memory (``memory``). An MLP of 5 x Linear(1000, 1000) (5,005,000 float32 parameters, one
    "model copy" = 20.0 MB) and a ``SnapshotStore(P, dtype="float32", storage="disk")`` in a temporary
@@ -252,7 +254,7 @@ def main() -> None:
         "--models", nargs="+", choices=list(sizes.MODELS), default=["mlp-1M", "mlp-10M", "cnn-1M", "cnn-10M"]
     )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--marginal-repeats", type=int, default=6, help="alternating fits per model and copy mode")
+    parser.add_argument("--marginal-repeats", type=int, default=6, help="alternating fits per model and variant")
     parser.add_argument("--marginal-epochs", type=int, default=4, help="epochs of each alternating fit")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training runs")
     parser.add_argument("--memory-threads", type=int, default=1, help="torch threads of the memory runs")

@@ -318,6 +318,17 @@ MARGINAL_VARIANTS = {
 }
 
 
+def block_of(step: int, counted: bool = False) -> str | None:
+    """``"on"`` if optimizer step ``step`` (0-based) takes a snapshot in the alternating runs, else ``"off"``.
+
+    With ``counted``, ``None`` for the first step of each block, which is not counted: it carries the
+    block before it (the previous step's deferred copy runs during it).
+    """
+    if counted and step % BLOCK == 0:
+        return None
+    return "on" if (step // BLOCK) % 2 == 0 else "off"
+
+
 def alternating_fit(name: str, tmp: str, epochs: int, settings: dict) -> tuple[list[float], dict, int]:
     """One fit with ``TrajectoryPCA(every_n_steps=1)`` whose snapshots are on in every other block of ``BLOCK`` steps.
 
@@ -328,7 +339,7 @@ def alternating_fit(name: str, tmp: str, epochs: int, settings: dict) -> tuple[l
     step is timed from one ``on_train_batch_start`` to the next (validation and epoch ends are not
     in any step). The first step of each block is dropped: it carries the block before it (a
     snapshot's deferred copy runs during the next step), so every step counted "on" pays for
-    exactly one snapshot and every step counted "off" for none.
+    exactly one snapshot (its own, and the copy of the one before) and every step counted "off" for none.
     """
     from pytorch_lightning.callbacks import Callback
 
@@ -357,23 +368,21 @@ def alternating_fit(name: str, tmp: str, epochs: int, settings: dict) -> tuple[l
     hook = trajectory.on_train_batch_end
 
     def gated(trainer, *args, **kwargs):  # step s ends with global_step s + 1
-        if (trainer.global_step // BLOCK) % 2 == 0:
+        if block_of(trainer.global_step - 1) != "off":
             hook(trainer, *args, **kwargs)
 
     trajectory.on_train_batch_end = gated
     trainer = fit_sized(name, epochs, [StepTimer(), trajectory], tmp)
-    ratios = []
-    for start in range(0, max(times) + 1, 2 * BLOCK):
-        on = [times.get(s) for s in range(start + 1, start + BLOCK)]
-        off = [times.get(s) for s in range(start + BLOCK + 1, start + 2 * BLOCK)]
-        if None not in on and None not in off:
-            ratios.append(float(np.median(on) / np.median(off) - 1))
-    steps = {"on": [s for s in times if (s // BLOCK) % 2 == 0 and s % BLOCK], "off": []}
-    steps["off"] = [s for s in times if (s // BLOCK) % 2 == 1 and s % BLOCK]
+    cycles: dict[int, dict[str, list[float]]] = {}
+    for step, t in times.items():
+        if (kind := block_of(step, counted=True)) is not None:
+            cycles.setdefault(step // (2 * BLOCK), {"on": [], "off": []})[kind].append(t)
+    full = [c for c in cycles.values() if len(c["on"]) == len(c["off"]) == BLOCK - 1]
+    ratios = [float(np.median(c["on"]) / np.median(c["off"]) - 1) for c in full]
     medians = {
-        f"{k} {c}": float(np.median([t[s] for s in v]))
-        for k, v in steps.items()
-        for c, t in (("wall", times), ("cpu", cpu))
+        f"{kind} {clock}": float(np.median([t[s] for s in t if block_of(s, counted=True) == kind]))
+        for kind in ("on", "off")
+        for clock, t in (("wall", times), ("cpu", cpu))
     }
     return ratios, medians, trainer.num_training_batches
 
