@@ -7,7 +7,6 @@ back-pressure, for reusing its buffers, and for surfacing its errors with the st
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import resource
@@ -246,14 +245,15 @@ def test_memory_rows_are_prefaulted_ahead_on_the_writer_thread():
     store.close()
 
 
-def test_big_rows_are_prefaulted_two_ahead_one_row_per_task(monkeypatch):
-    monkeypatch.setattr(blocks, "PREFAULT_BYTES", 4000)  # a row of 1000 float32 is "big": one per task
+def test_big_rows_are_prefaulted_two_ahead_in_background_pieces(monkeypatch):
+    monkeypatch.setattr(blocks, "PREFAULT_BYTES", 4000)  # a row of 1000 float32 is "big": two ahead
+    monkeypatch.setattr(blocks, "PREFAULT_PIECE_BYTES", 1024)  # four pieces per row
     store = SnapshotStore(1000, dtype="float32", storage="memory", block_rows=8)
-    tasks: list[int] = []
+    pieces: list[tuple[int, ...]] = []
     real = _npy.prefault
 
     def spy(rows):
-        tasks.append(rows.shape[0])
+        pieces.append(tuple(rows.shape))
         return real(rows)
 
     monkeypatch.setattr(blocks, "prefault", spy)
@@ -261,9 +261,42 @@ def test_big_rows_are_prefaulted_two_ahead_one_row_per_task(monkeypatch):
         store.append(torch.full((1000,), float(k)), step=k, epoch=0)
         assert store._blocks._fault_asked >= len(store) + 2  # the next two rows are queued or ready
     store._blocks._worker.wait()
-    assert tasks and set(tasks) == {1}  # a copy queued behind them waits for one row at most
+    assert pieces and set(pieces) <= {(1, 256), (1, 232)}  # a copy queued behind them waits for one piece at most
     assert store._blocks._faulted == store._blocks._fault_asked <= 5 + 2 + 1
     assert [store.get(k)[0].item() for k in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    store.close()
+
+
+def test_the_worker_runs_copies_and_writes_before_queued_background_work():
+    worker, order, gate = blocks.RowWorker(), [], threading.Event()
+    worker.submit(blocks.NO_ROW, gate.wait, background=True)  # holds the thread while the rest is queued
+    for k in range(3):
+        worker.submit(blocks.NO_ROW, lambda k=k: order.append(f"fault {k}"), background=True)
+    worker.submit(0, lambda: order.append("copy 0"))
+    worker.submit(1, lambda: order.append("write 1"))
+    gate.set()
+    worker.wait()
+    worker.stop()
+    assert order == ["copy 0", "write 1", "fault 0", "fault 1", "fault 2"]
+
+
+def test_a_deferred_copy_overtakes_the_pre_faulting_of_its_row_and_keeps_its_values(monkeypatch):
+    """The copy runs first; the row's pre-faulting (which writes zeros) then leaves that row alone."""
+    store = SnapshotStore(4096, dtype="float32", storage="memory", block_rows=4)
+    worker, gate, order = store._blocks._worker, threading.Event(), []
+    fill, prefault_rows = blocks.fill_row, blocks.SnapshotBlocks._prefault_rows
+    monkeypatch.setattr(blocks, "fill_row", lambda *a, **k: (order.append("copy"), fill(*a, **k)))
+    monkeypatch.setattr(
+        blocks.SnapshotBlocks, "_prefault_rows", lambda self, *a: (order.append(a[0]), prefault_rows(self, *a))
+    )
+    worker.submit(blocks.NO_ROW, gate.wait)  # holds the thread while the pre-faulting and the copy are queued
+    values = [torch.full((4096,), 1.5)]
+    store.append(values, step=0, epoch=0, defer=True)
+    gate.set()
+    store.fence()
+    store.flush()
+    assert order[0] == "copy" and order[1] == 0  # the copy first, then the pre-faulting from row 0 on
+    assert torch.equal(store.get(0), values[0])
     store.close()
 
 
@@ -279,10 +312,8 @@ def _minor_faults_of(fn) -> int:
     return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RUSAGE_THREAD and madvise are Linux's")
-@pytest.mark.parametrize("populate", [True, False], ids=["madvise", "touch"])
-def test_prefault_leaves_no_page_fault_for_the_copy_into_the_row(populate, monkeypatch):
-    monkeypatch.setattr(_npy, "_populate_ok", populate)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RUSAGE_THREAD is Linux's")
+def test_prefault_leaves_no_page_fault_for_the_copy_into_the_row():
     pages = 2048  # 8 MiB with 4 KiB pages
     _, control = _fresh_pages(pages)
     assert _minor_faults_of(lambda: control.fill_(1.0)) >= pages // 2  # a fresh row does fault
@@ -292,44 +323,18 @@ def test_prefault_leaves_no_page_fault_for_the_copy_into_the_row(populate, monke
     assert bool((row == 2.0).all())
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
-def test_prefault_asks_the_kernel_in_pieces_that_cover_the_row(monkeypatch):
-    # One call for a whole row held the memory-map lock that the training thread's mmap/munmap waits on.
-    monkeypatch.setattr(_npy, "_populate_ok", True)
-    real, calls = _npy._madvise(), []
-
-    def recorded(addr, length, advice):
-        calls.append((addr, length))
-        return real(addr, length, advice)
-
-    monkeypatch.setattr(_npy, "_madvise", lambda: recorded)
-    _, row = _fresh_pages(1000)  # 1000 pages: not a multiple of the piece
+@pytest.mark.parametrize("start", [0, 3], ids=["page-aligned", "unaligned"])
+def test_prefault_writes_one_zero_in_every_page_of_the_row_and_nothing_else(start):
+    per_page = mmap.PAGESIZE // 4
+    base = torch.ones(10 * per_page + 8)
+    row = base[start : start + 4 * per_page + 5]  # 4 pages and a bit, starting at element `start`
     _npy.prefault(row)
-    if not _npy._populate_ok:
-        pytest.skip("this kernel has no MADV_POPULATE_WRITE")
-    assert len(calls) == -(-1000 * mmap.PAGESIZE // _npy.POPULATE_BYTES) > 1
-    assert all(length <= _npy.POPULATE_BYTES for _, length in calls)
-    assert calls[0][0] == row.data_ptr() and sum(length for _, length in calls) == 1000 * mmap.PAGESIZE
-    assert all(a + n == b for (a, n), (b, _) in zip(calls, calls[1:]))  # contiguous, no gap
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
-def test_prefault_writes_nothing_with_madvise_and_falls_back_where_the_kernel_has_no_populate(monkeypatch):
-    monkeypatch.setattr(_npy, "_populate_ok", True)
-    row = torch.arange(4096, dtype=torch.float32)
-    _npy.prefault(row)
-    if _npy._populate_ok:  # a kernel with MADV_POPULATE_WRITE: the values are left alone
-        assert torch.equal(row, torch.arange(4096, dtype=torch.float32))
-
-    def refused(addr, length, advice):
-        ctypes.set_errno(errno.EINVAL)
-        return -1
-
-    monkeypatch.setattr(_npy, "_madvise", lambda: refused)
-    row = torch.ones(4096)
-    _npy.prefault(row)
-    assert _npy._populate_ok is False  # asked once, not again
-    assert int((row == 0).sum()) == 4096 // (mmap.PAGESIZE // 4)  # one zero per page: each page written
+    zeros = (row == 0).nonzero().flatten().tolist()
+    pages = {(row.data_ptr() + 4 * i) // mmap.PAGESIZE for i in zeros}
+    first, last = row.data_ptr() // mmap.PAGESIZE, (row.data_ptr() + 4 * row.numel() - 1) // mmap.PAGESIZE
+    assert pages == set(range(first, last + 1))  # every page the row spans, the last too
+    assert len(zeros) <= last - first + 2
+    assert bool((base[:start] == 1).all() and (base[start + row.numel() :] == 1).all())  # nothing outside it
 
 
 def test_auto_dtype_is_float32_for_small_models_and_float16_from_the_threshold():

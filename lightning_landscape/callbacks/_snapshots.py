@@ -1,4 +1,4 @@
-"""How TrajectoryPCA opens its snapshot store and when a snapshot's copy may overlap training."""
+"""How TrajectoryPCA opens its snapshot store, when a snapshot's copy may overlap training, and its shared PCA."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from lightning_landscape import _lightning
+from lightning_landscape.callbacks._distributed import Collectives
 from lightning_landscape.errors import LandscapeWarning
-from lightning_landscape.trajectory import SnapshotStore
+from lightning_landscape.trajectory import PCAResult, SnapshotStore, TooFewSnapshotsError, trajectory_pca
 
 
 def open_store(restored: dict[str, Any] | None, num_params: int, **options: Any) -> SnapshotStore:
@@ -71,3 +72,39 @@ def warn_write_failed(err: OSError, trainer: pl.Trainer | None, stored: int) -> 
         f"on, and the PCA uses the {stored} snapshot(s) stored so far.",
         category=LandscapeWarning,
     )
+
+
+def shared_pca(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    store: SnapshotStore | None,
+    names: list[str],
+    *,
+    center: bool,
+    seed: int,
+) -> tuple[PCAResult, int]:
+    """The PCA of ``store``'s snapshots (of the parameters ``names``) on global rank zero, broadcast to every rank.
+
+    Rank zero holds the snapshots; the others pass ``store=None``. Raises
+    :class:`~lightning_landscape.trajectory.TooFewSnapshotsError` on every rank alike.
+    """
+    found: tuple[PCAResult | None, int] = (None, 0)
+    if store is not None:
+        params = dict(pl_module.named_parameters())
+        try:
+            pca = trajectory_pca(
+                store,
+                [params[name] for name in names],  # read block by block: no flat copy of the weights
+                2,
+                center=center,
+                final_step=trainer.global_step,
+                final_epoch=trainer.current_epoch,
+                seed=seed,
+            )
+            found = (pca, len(store))
+        except TooFewSnapshotsError as err:
+            found = (None, err.count)
+    pca, count = Collectives(trainer).broadcast(found)
+    if pca is None:
+        raise TooFewSnapshotsError(count)
+    return pca, count

@@ -25,7 +25,13 @@ from lightning_landscape.callbacks._base import (
     misconfigured,
 )
 from lightning_landscape.callbacks._distributed import Collectives, HandedOff
-from lightning_landscape.callbacks._snapshots import may_overlap, open_store, warn_changed, warn_write_failed
+from lightning_landscape.callbacks._snapshots import (
+    may_overlap,
+    open_store,
+    shared_pca,
+    warn_changed,
+    warn_write_failed,
+)
 from lightning_landscape.errors import LandscapeWarning
 from lightning_landscape.metrics import check_metric_names
 from lightning_landscape.plots import pca_axis_labels, plot_contour, plot_path
@@ -41,7 +47,6 @@ from lightning_landscape.trajectory import (
     check_max_memory_mb,
     path_range,
     pca_directions,
-    trajectory_pca,
 )
 
 
@@ -390,35 +395,12 @@ class TrajectoryPCA(LandscapeCallback):
         """PCA of the snapshots, the surface on that plane (all ranks), then files and logs (rank zero)."""
         self.output_dir(trainer)  # a collective when not resolved at setup: every rank takes part
         with analysis_context(trainer, pl_module):
-            pca, count = self._pca(trainer, pl_module)
+            pca, count = shared_pca(trainer, pl_module, self.store, self._names, center=self.center, seed=self.seed)
             landscape = self._surface(trainer, pl_module, pca, count)
         self.pca, self.landscape = pca, landscape
         if trainer.is_global_zero:
             self.files = self.publish(trainer, pca, landscape)
         return landscape
-
-    def _pca(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[PCAResult, int]:
-        """The PCA of the snapshots on global rank zero (which holds them), broadcast to every rank."""
-        found: tuple[PCAResult | None, int] = (None, 0)
-        if self.store is not None:
-            params = dict(pl_module.named_parameters())
-            try:
-                pca = trajectory_pca(
-                    self.store,
-                    [params[name] for name in self._names],  # read block by block: no flat copy of the weights
-                    2,
-                    center=self.center,
-                    final_step=trainer.global_step,
-                    final_epoch=trainer.current_epoch,
-                    seed=self.seed,
-                )
-                found = (pca, len(self.store))
-            except TooFewSnapshotsError as err:
-                found = (None, err.count)
-        pca, count = Collectives(trainer).broadcast(found)
-        if pca is None:  # on every rank alike
-            raise TooFewSnapshotsError(count)
-        return pca, count
 
     def _surface(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pca: PCAResult, count: int) -> Landscape:
         evaluator, source = self.build_evaluator(trainer, pl_module, self.metrics, bn=self.bn)

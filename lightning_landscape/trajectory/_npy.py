@@ -5,22 +5,16 @@ memory, or an ``.npy`` file on disk. This module holds the storage dtypes, the
 :class:`Block` record, zero-copy conversions between torch and numpy (bfloat16
 as its uint16 bit pattern), creating ``.npy`` files and reading their headers,
 the unbuffered readers and writers that move rows in and out of them
-without a memory map, and the background thread (:class:`RowWorker`) and
-reusable row buffers (:class:`BufferRing`) that keep that work off the
-training thread.
+without a memory map, and the two row operations of a snapshot: faulting a
+fresh row in ahead of use (:func:`prefault`) and copying the parameters into it
+(:func:`fill_row`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import functools
 import mmap
-import queue
-import sys
-import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,69 +257,38 @@ class BlockReader:
         return f
 
 
-#: ``madvise`` advice that faults a range in writable without touching it (Linux >= 5.14).
-MADV_POPULATE_WRITE = 23
-#: Bytes faulted in per ``madvise`` call (a multiple of the page size).
-POPULATE_BYTES = 256 << 10
-
-
-@functools.lru_cache(maxsize=1)
-def _madvise() -> Callable[[int, int, int], int] | None:
-    """libc's ``madvise`` on Linux, typed; ``None`` elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
-
-
-_populate_ok = True  # cleared once the kernel refuses MADV_POPULATE_WRITE (before 5.14)
-
-
 def prefault(tensor: torch.Tensor) -> None:
-    """Fault in every memory page of the contiguous CPU tensor ``tensor``, ahead of the first write to it.
+    """Fault in every memory page of the contiguous CPU tensor ``tensor`` ahead of use, writing one zero per page.
 
     The first write to a fresh page costs a page fault, which on a 40 MB row takes longer than
     copying the row itself; done here, ahead of use and on the writer thread, the training
-    thread's copy into the row then takes none. On Linux >= 5.14 ``madvise(MADV_POPULATE_WRITE)``
-    faults the range in, 256 KiB per call (about a quarter faster than a write per page, and the
-    values are left as they are); elsewhere one element per page is written (zero). Each call holds
-    the process's memory-map lock: in one call, a 20 MB row held it for 60 ms here, and every
-    mmap/munmap of the training thread (a large tensor's allocation or free) waited for it.
+    thread's copy into the row then takes none. One strided write in one call: its faults take
+    the kernel's per-VMA locks only, and the thread takes the GIL back once. Faulting with
+    ``madvise(MADV_POPULATE_WRITE)`` instead (256 KiB per call) held the process's memory-map
+    lock, which the training thread's own mmap/munmap wait for, and took the GIL back after every
+    call; on the 1M-weight MLP it cost the training thread more than these writes (see README).
 
     Example:
         >>> row = torch.ones(2048)
         >>> prefault(row)
-        >>> row.shape
-        torch.Size([2048])
+        >>> int((row == 0).sum())  # one element per 4 KiB page, and the last
+        3
     """
-    global _populate_ok
-    nbytes = tensor.numel() * tensor.element_size()
-    madvise = _madvise()
-    if nbytes and _populate_ok and madvise is not None:
-        start, end = tensor.data_ptr() & ~(mmap.PAGESIZE - 1), tensor.data_ptr() + nbytes  # first page: mapped
-        # In pieces: the call holds the process's memory-map lock, which the training thread's own
-        # mmap/munmap (every large tensor it allocates or frees) has to wait for.
-        while start < end and madvise(start, min(POPULATE_BYTES, end - start), MADV_POPULATE_WRITE) == 0:
-            start += POPULATE_BYTES
-        if start >= end:
-            return
-        _populate_ok = ctypes.get_errno() != errno.EINVAL  # unknown advice: this kernel has none
     flat = tensor.view(-1)
-    flat[:: max(1, mmap.PAGESIZE // flat.element_size())].zero_()
+    if flat.numel():
+        flat[:: max(1, mmap.PAGESIZE // flat.element_size())].zero_()
+        flat[-1:].zero_()  # the last page, where the tensor does not start on a page boundary
 
 
 def fill_row(row: torch.Tensor, tensors: Sequence[torch.Tensor], *, non_blocking: bool = False) -> None:
     """Copy ``tensors`` (each flattened, in order) straight into the 1-D ``row``, converting to its dtype.
 
-    Contiguous tensors of the row's dtype go in one ``torch.cat(..., out=row)``, which writes the
-    row itself (no flat intermediate): one call instead of one per tensor, which at 5k weights was
-    most of a snapshot's time. Others take one ``copy_`` per tensor, which also rounds to a 16-bit
-    row in the same pass, once per value (cat's converting path is 7x slower: 16 ms at 10M
-    weights against 2.2 ms); so do device-to-host copies.
+    Contiguous tensors go in one call that writes the row itself (no flat intermediate): one
+    ``torch.cat(..., out=row)`` in the row's dtype, else one ``torch._foreach_copy_`` into views
+    of the row, which rounds to a 16-bit row in the same pass, once per value (cat's converting
+    path is 7x slower: 16 ms at 10M weights against 2.2 ms; one ``copy_`` per tensor from Python
+    took a third longer at 1M). Per-tensor calls took most of a snapshot's time at 5k weights.
+    Non-contiguous tensors and device-to-host copies take one ``copy_`` per tensor.
 
     Example:
         >>> row = torch.empty(5, dtype=torch.float16)
@@ -334,163 +297,15 @@ def fill_row(row: torch.Tensor, tensors: Sequence[torch.Tensor], *, non_blocking
         [1.0, 3.0, 2.0, 4.0, 0.0999755859375]
     """
     with torch.no_grad():  # parameters: no graph, and no per-tensor detach
-        if not non_blocking and all(t.dtype == row.dtype and t.is_contiguous() for t in tensors):
-            torch.cat([t.view(-1) for t in tensors], out=row)
+        if not non_blocking and all(t.is_contiguous() for t in tensors):
+            flat = [t.view(-1) for t in tensors]
+            if all(t.dtype == row.dtype for t in flat):
+                torch.cat(flat, out=row)
+            else:
+                torch._foreach_copy_(list(row.split([t.numel() for t in flat])), flat)
             return
         a = 0
         for t in tensors:
             n = t.numel()
             row[a : a + n].view(t.shape).copy_(t, non_blocking=non_blocking)
             a += n
-
-
-#: A unit of the writer thread's work.
-Task = Callable[[], None]
-#: The row of a task whose failure loses no snapshot (pre-faulting): past any real row.
-NO_ROW = 2**62
-
-
-class RowWorker:
-    """One background thread running tasks in submission order: pre-faulting rows, file writes, device copies.
-
-    A thread cannot raise into the training thread, so a task that raises records its error with
-    its row; the tasks after it are skipped (their cleanups still run, so buffers come back) until
-    :meth:`take_error` hands the error over, together with the first row not stored.
-
-    Example:
-        >>> worker, out = RowWorker(), []
-        >>> worker.submit(0, lambda: out.append("written"))
-        >>> worker.submit(1, lambda: 1 / 0)
-        >>> worker.submit(2, lambda: out.append("skipped"))
-        >>> worker.wait()
-        >>> row, err = worker.take_error()
-        >>> worker.stop()
-        >>> out, row, type(err).__name__
-        (['written'], 1, 'ZeroDivisionError')
-    """
-
-    def __init__(self) -> None:
-        self._tasks: queue.SimpleQueue[tuple[int, Task, Task | None] | None] = queue.SimpleQueue()
-        self._cv = threading.Condition()
-        self._pending = 0
-        self._error: BaseException | None = None
-        self._error_row = 0
-        self._thread: threading.Thread | None = None
-
-    @property
-    def failed(self) -> bool:
-        """Whether a task failed since the last :meth:`take_error`."""
-        return self._error is not None
-
-    @property
-    def alive(self) -> bool:
-        """Whether the thread runs (it starts with the first task)."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def submit(self, row: int, task: Task, cleanup: Task | None = None) -> None:
-        """Run ``task`` (about snapshot ``row``) after the tasks submitted before, then ``cleanup`` in any case."""
-        with self._cv:
-            self._pending += 1
-        if not self.alive:
-            self._thread = threading.Thread(target=self._run, name="lightning_landscape-snapshots", daemon=True)
-            self._thread.start()
-        self._tasks.put((row, task, cleanup))
-
-    def _run(self) -> None:
-        while (item := self._tasks.get()) is not None:
-            row, task, cleanup = item
-            try:
-                if self._error is None:
-                    task()
-                else:
-                    self._error_row = min(self._error_row, row)  # skipped: not stored either
-            except BaseException as err:  # any failure must reach the training thread, which sees no other way
-                self._error, self._error_row = err, row
-            finally:
-                try:
-                    if cleanup is not None:
-                        cleanup()
-                finally:
-                    # Drop the task before waiting for the next: it holds a one-snapshot buffer.
-                    item = task = cleanup = None  # type: ignore[assignment]
-                    with self._cv:
-                        self._pending -= 1
-                        self._cv.notify_all()
-
-    def wait(self, until: Callable[[], bool] | None = None) -> None:
-        """Wait until every submitted task has run (or, with ``until``, until it returns true or nothing is left)."""
-        with self._cv:
-            while self._pending and not (until is not None and until()):
-                self._cv.wait()
-
-    def take_error(self) -> tuple[int, BaseException] | None:
-        """``(first row not stored, error)`` of a failed task, once the queue has run out, or ``None``."""
-        if self._error is None:
-            return None
-        self.wait()
-        with self._cv:
-            err, self._error = self._error, None
-            return self._error_row, err  # type: ignore[return-value]
-
-    def stop(self) -> None:
-        """Run what is queued, then end the thread (a later :meth:`submit` starts a new one)."""
-        if self._thread is not None:
-            self._tasks.put(None)
-            self._thread.join()
-            self._thread = None
-
-
-class BufferRing:
-    """Up to ``size`` reusable one-snapshot row buffers, handed out in turn: what bounds the writer's queue.
-
-    :meth:`acquire` waits while every buffer is in flight, so a disk slower than the snapshots
-    slows the appends (back-pressure) instead of queueing copies without bound. Buffers are made
-    at the first :meth:`acquire` (pre-faulted on the worker thread unless ``fresh_is_faulted``, as
-    pinned memory is) and dropped by :meth:`clear`.
-
-    Example:
-        >>> worker = RowWorker()
-        >>> ring = BufferRing(lambda: torch.empty(3), 2, worker)
-        >>> a, b = ring.acquire(), ring.acquire()
-        >>> ring.release(a)
-        >>> ring.acquire() is a
-        True
-        >>> worker.stop()
-    """
-
-    def __init__(
-        self, make: Callable[[], torch.Tensor], size: int, worker: RowWorker, *, fresh_is_faulted: bool = False
-    ) -> None:
-        self._make = make
-        self.size = size
-        self._worker = worker
-        self._fresh_is_faulted = fresh_is_faulted
-        self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
-        self._made = 0
-
-    def acquire(self) -> torch.Tensor:
-        """A free buffer, waiting for one while all are in flight."""
-        if self._made == 0:
-            for _ in range(self.size):
-                buf = self._make()
-                self._made += 1
-                if self._fresh_is_faulted:
-                    self._free.put(buf)
-                else:  # free once pre-faulted
-                    self._worker.submit(NO_ROW, lambda b=buf: prefault(b), lambda b=buf: self._free.put(b))
-        while True:
-            try:
-                return self._free.get(timeout=1.0)
-            except queue.Empty:
-                if not self._worker.alive:  # nothing would ever come back
-                    raise RuntimeError("the snapshot writer thread has stopped with every buffer in flight") from None
-
-    def release(self, buf: torch.Tensor) -> None:
-        """Hand ``buf`` back."""
-        self._free.put(buf)
-
-    def clear(self) -> None:
-        """Drop the buffers (all must be back: call after the worker's :meth:`RowWorker.wait`)."""
-        while not self._free.empty():
-            self._free.get()
-        self._made = 0

@@ -28,30 +28,30 @@ from typing import Any
 import torch
 
 from lightning_landscape.trajectory._npy import (
-    NO_ROW,
     NUMPY_DTYPES,
     TORCH_DTYPES,
     Block,
     BlockReader,
     BlockWriter,
-    BufferRing,
-    RowWorker,
     create_npy,
     fill_row,
     prefault,
     read_npy_header,
 )
 from lightning_landscape.trajectory.checks import SnapshotChangedError
+from lightning_landscape.trajectory.worker import NO_ROW, BufferRing, RowWorker
 
 # Target size of one preallocated block (memory tensor or .npy file): large enough that a long
 # trajectory of a small model needs few files, small enough that a spare block costs little.
 BLOCK_BYTES = 64 * 2**20
 # At most this many rows per block, so a tiny model does not preallocate room for thousands of snapshots.
 MAX_BLOCK_ROWS = 1024
-# Memory rows are pre-faulted this far (at least two rows) ahead of the snapshot count, in tasks of at most
-# this size (or one row): enough that the next snapshot's row is always ready, little enough that spare
-# rows cost little.
+# Memory rows are pre-faulted this far (at least two rows) ahead of the snapshot count: enough that the
+# next snapshot's row is always ready, little enough that spare rows cost little.
 PREFAULT_BYTES = 16 * 2**20
+# ...in background tasks of at most this size (or one small row): a copy queued meanwhile waits for one
+# piece at most (4 MiB of fresh pages took up to 12 ms here), not for every row queued before it.
+PREFAULT_PIECE_BYTES = 4 * 2**20
 # After a spill, each new disk row is queued behind at most this many of the old rows: the spill drains
 # in the background, a few rows per snapshot, instead of stalling the next snapshot behind all of them.
 SPILL_PER_WRITE = 2
@@ -110,7 +110,7 @@ class SnapshotBlocks:
         # The worker's thread must not outlive the store: stopped (after its queue) when the store goes.
         self._stop_worker = weakref.finalize(self, self._worker.stop)
         self._writer = BlockWriter()  # used by the worker only, which writes the rows in order
-        self._staging = BufferRing(self._new_row, max_pending, self._worker)
+        self._staging = BufferRing(self._new_row, max_pending, self._worker, prepare=prefault)
         self._pinned: BufferRing | None = None  # pinned host rows for copies from a CUDA device
         self._stream: Any = None  # the side CUDA stream of those copies
         self._fence: tuple[Any, torch.device] | None = None  # a device copy the training stream still has to wait for
@@ -118,7 +118,8 @@ class SnapshotBlocks:
         self._copied = 0  # ...the last one finished...
         self._cpu_fence: int | None = None  # ...and the one a fence still has to wait for
         self._faulted = 0  # memory rows [0, _faulted) are pre-faulted...
-        self._fault_asked = 0  # ...and [_faulted, _fault_asked) are queued for it
+        self._fault_asked = 0  # ...and [_faulted, _fault_asked) are queued for it...
+        self._claimed = 0  # ...except rows below this, which a copy has been queued for (their pages fault then)
         self._spill: deque[tuple[int, torch.Tensor]] = deque()  # memory rows still to write to disk
 
     @property
@@ -162,14 +163,14 @@ class SnapshotBlocks:
         In chunks: nothing is queued while more than half of that is still ready, so a small model's
         snapshots do not each wake the worker. Big rows are faulted two ahead: faulting fresh pages
         can take longer than a training step (in a VM whose host backs them lazily, 20 MB took
-        6-70 ms here), and a snapshot whose row is not ready waits for it. One task per row (or
-        per 16 MiB of small rows), so a deferred copy queued behind them waits for one at most.
+        6-70 ms here), and a snapshot whose row is not ready waits for it. The work is queued as
+        background tasks of 4 MiB at most, which a snapshot's copy or write overtakes.
         Blocks are added for them within ``budget_rows``, never past it (that would spill).
         """
         if self.storage != "memory":
             return
-        per_task = max(1, PREFAULT_BYTES // (self.num_params * self.itemsize))
-        ahead = max(2, per_task)
+        row_bytes = self.num_params * self.itemsize
+        ahead = max(2, PREFAULT_BYTES // row_bytes)
         target = count + ahead
         if budget_rows is not None:
             target = min(target, budget_rows)
@@ -177,14 +178,25 @@ class SnapshotBlocks:
             return
         if target > self.capacity:
             self.reserve(target, count, budget_rows)
-        first = 0
-        for block in self.blocks:
-            for lo in range(max(self._fault_asked, first), min(target, first + block.rows), per_task):
-                hi = min(target, first + block.rows, lo + per_task)
-                rows = block.tensor[lo - first : hi - first]  # type: ignore[index]
-                self._worker.submit(NO_ROW, partial(prefault, rows), partial(self._faulted_to, hi))
-                self._fault_asked = hi
-            first += block.rows
+        per_task = max(1, PREFAULT_PIECE_BYTES // row_bytes)  # rows per task, or...
+        piece = max(1, PREFAULT_PIECE_BYTES // self.itemsize)  # ...values of one row per task
+        while self._fault_asked < target:
+            lo = self._fault_asked
+            index, r = self._locate(lo)
+            block = self.blocks[index]
+            hi = min(target, lo + per_task, lo - r + block.rows)
+            rows = block.tensor[r : r + hi - lo]  # type: ignore[index]
+            for a in range(0, self.num_params if per_task == 1 else 1, piece):
+                part = rows[:, a : a + piece] if per_task == 1 else rows
+                done = partial(self._faulted_to, hi) if a + piece >= self.num_params or per_task > 1 else None
+                self._worker.submit(NO_ROW, partial(self._prefault_rows, lo, part), done, background=True)
+            self._fault_asked = hi
+
+    def _prefault_rows(self, first: int, rows: torch.Tensor) -> None:
+        """Worker: pre-fault ``rows`` (rows ``first``, ``first + 1``, ... or a piece of one) but rows a copy claimed."""
+        skip = self._claimed - first  # read now: set by the training thread before it queues the copy
+        if skip < rows.shape[0]:
+            prefault(rows[max(0, skip) :])
 
     def _faulted_to(self, row: int) -> None:
         self._faulted = row  # worker thread; waiters are woken when the task ends
@@ -252,7 +264,9 @@ class SnapshotBlocks:
         index, row = self._locate(i)
         block = self.blocks[index]
         if block.tensor is not None:
-            if defer:  # the worker runs the row's pre-faulting first: tasks run in order
+            # Pre-faulting may write zeros (old kernels): from here on it leaves this row alone.
+            self._claimed = max(self._claimed, i + 1)
+            if defer:  # may run before the row's pre-faulting, which then skips it
                 self._copy_later(i, block.tensor[row], tensors)
                 return
             if self._faulted <= i < self._fault_asked:
@@ -307,7 +321,7 @@ class SnapshotBlocks:
         if self._pinned is None:
             self._stream = torch.cuda.Stream(device)
             pinned = partial(torch.empty, self.num_params, dtype=self.torch_dtype, pin_memory=True)
-            self._pinned = BufferRing(pinned, self.max_pending, self._worker, fresh_is_faulted=True)
+            self._pinned = BufferRing(pinned, self.max_pending, self._worker)  # pinned memory comes faulted in
         buf = self._pinned.acquire()
         self._stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(self._stream):
@@ -323,6 +337,7 @@ class SnapshotBlocks:
         index, row = self._locate(i)
         block = self.blocks[index]
         if block.tensor is not None:
+            self._claimed = max(self._claimed, i + 1)  # as in write_row: landing may overtake the pre-faulting
             land = partial(_land_in_memory, event, block.tensor[row], buf)
         else:
             land = partial(_land_on_disk, event, self._writer, index, block, row, buf)
