@@ -13,6 +13,7 @@ import resource
 import sys
 import threading
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -284,8 +285,8 @@ def test_a_deferred_copy_overtakes_the_pre_faulting_of_its_row_and_keeps_its_val
     """The copy runs first; the row's pre-faulting (which writes zeros) then leaves that row alone."""
     store = SnapshotStore(4096, dtype="float32", storage="memory", block_rows=4)
     worker, gate, order = store._blocks._worker, threading.Event(), []
-    fill, prefault_rows = blocks.fill_row, blocks.SnapshotBlocks._prefault_rows
-    monkeypatch.setattr(blocks, "fill_row", lambda *a, **k: (order.append("copy"), fill(*a, **k)))
+    real, prefault_rows = blocks.row_copy, blocks.SnapshotBlocks._prefault_rows
+    monkeypatch.setattr(blocks, "row_copy", lambda *a, **k: partial(_then, order.append, "copy", real(*a, **k)))
     monkeypatch.setattr(
         blocks.SnapshotBlocks, "_prefault_rows", lambda self, *a: (order.append(a[0]), prefault_rows(self, *a))
     )
@@ -298,6 +299,11 @@ def test_a_deferred_copy_overtakes_the_pre_faulting_of_its_row_and_keeps_its_val
     assert order[0] == "copy" and order[1] == 0  # the copy first, then the pre-faulting from row 0 on
     assert torch.equal(store.get(0), values[0])
     store.close()
+
+
+def _then(first, arg, copy):
+    first(arg)
+    return copy()
 
 
 def _fresh_pages(num_pages: int) -> tuple[mmap.mmap, torch.Tensor]:
@@ -374,15 +380,20 @@ class HeldCopies:
     def __init__(self, monkeypatch) -> None:
         self.go = threading.Event()
         self.started = threading.Event()
-        real = blocks.fill_row
+        real = blocks.row_copy
 
-        def fill_row(row, tensors, **kwargs):
-            if threading.current_thread() is not threading.main_thread():
-                self.started.set()
-                assert self.go.wait(10)
-            return real(row, tensors, **kwargs)
+        def row_copy(row, tensors, **kwargs):
+            copy = real(row, tensors, **kwargs)
 
-        monkeypatch.setattr(blocks, "fill_row", fill_row)
+            def held():
+                if threading.current_thread() is not threading.main_thread():
+                    self.started.set()
+                    assert self.go.wait(10)
+                return copy()
+
+            return held
+
+        monkeypatch.setattr(blocks, "row_copy", row_copy)
 
 
 @pytest.mark.parametrize("storage", ["memory", "disk"])
@@ -521,14 +532,18 @@ class Touch(Callback):
 def test_a_weight_change_during_an_overlapped_copy_drops_that_snapshot_and_later_ones_are_copied_at_once(
     tmp_path, monkeypatch
 ):
-    real = blocks.fill_row
+    real = blocks.row_copy
 
     def slow_on_the_writer(row, tensors, **kwargs):
-        if threading.current_thread() is not threading.main_thread():
-            threading.Event().wait(0.2)  # the copy is still running when the next hook changes the weights
-        return real(row, tensors, **kwargs)
+        copy = real(row, tensors, **kwargs)
 
-    monkeypatch.setattr(blocks, "fill_row", slow_on_the_writer)
+        def slow():
+            threading.Event().wait(0.2)  # the copy is still running when the next hook changes the weights
+            return copy()
+
+        return slow
+
+    monkeypatch.setattr(blocks, "row_copy", slow_on_the_writer)
     spy = DeferSpy(monkeypatch)
     cb = TrajectoryPCA(every_n_steps=1, resolution=3, num_batches=1, progress=False, snapshot_dtype="float32")
     recorder = HandRecorder(cb, 1, None)

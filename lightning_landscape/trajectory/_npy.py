@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import mmap
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -280,15 +281,43 @@ def prefault(tensor: torch.Tensor) -> None:
         flat[-1:].zero_()  # the last page, where the tensor does not start on a page boundary
 
 
-def fill_row(row: torch.Tensor, tensors: Sequence[torch.Tensor], *, non_blocking: bool = False) -> None:
-    """Copy ``tensors`` (each flattened, in order) straight into the 1-D ``row``, converting to its dtype.
+def row_copy(row: torch.Tensor, tensors: Sequence[torch.Tensor], *, non_blocking: bool = False) -> Callable[[], Any]:
+    """The copy of ``tensors`` (each flattened, in order) into the 1-D ``row``, converting to its dtype, as one call.
 
-    Contiguous tensors go in one call that writes the row itself (no flat intermediate): one
-    ``torch.cat(..., out=row)`` in the row's dtype, else one ``torch._foreach_copy_`` into views
-    of the row, which rounds to a 16-bit row in the same pass, once per value (cat's converting
-    path is 7x slower: 16 ms at 10M weights against 2.2 ms; one ``copy_`` per tensor from Python
-    took a third longer at 1M). Per-tensor calls took most of a snapshot's time at 5k weights.
-    Non-contiguous tensors and device-to-host copies take one ``copy_`` per tensor.
+    Built by the caller and run now (:func:`fill_row`) or on the writer thread, which then runs
+    no Python of its own around the copy: every stretch of Python it runs takes the GIL from the
+    training thread. Contiguous tensors go in one call that writes the row itself (no flat
+    intermediate): ``torch.cat(..., out=row)`` in the row's dtype, else ``torch._foreach_copy_``
+    into views of the row, which rounds to a 16-bit row in the same pass, once per value (cat's
+    converting path is 7x slower: 16 ms at 10M weights against 2.2 ms; one ``copy_`` per tensor
+    from Python took a third longer at 1M). Non-contiguous tensors and device-to-host copies take
+    one ``copy_`` per tensor. The tensors are detached views: the copy records no graph.
+
+    Example:
+        >>> row = torch.empty(3, dtype=torch.float16)
+        >>> copy = row_copy(row, [torch.tensor([1.0, 2.0]), torch.tensor([0.1])])
+        >>> _ = copy()
+        >>> row.tolist()
+        [1.0, 2.0, 0.0999755859375]
+    """
+    if not non_blocking and all(t.is_contiguous() for t in tensors):
+        flat = [t.detach().view(-1) for t in tensors]
+        if all(t.dtype == row.dtype for t in flat):
+            return partial(torch.cat, flat, out=row)
+        return partial(torch._foreach_copy_, list(row.split([t.numel() for t in flat])), flat)
+    return partial(_copy_each, row, [t.detach() for t in tensors], non_blocking)
+
+
+def _copy_each(row: torch.Tensor, tensors: Sequence[torch.Tensor], non_blocking: bool) -> None:
+    a = 0
+    for t in tensors:
+        n = t.numel()
+        row[a : a + n].view(t.shape).copy_(t, non_blocking=non_blocking)
+        a += n
+
+
+def fill_row(row: torch.Tensor, tensors: Sequence[torch.Tensor], *, non_blocking: bool = False) -> None:
+    """Copy ``tensors`` (each flattened, in order) into the 1-D ``row`` now: :func:`row_copy`, run.
 
     Example:
         >>> row = torch.empty(5, dtype=torch.float16)
@@ -296,16 +325,4 @@ def fill_row(row: torch.Tensor, tensors: Sequence[torch.Tensor], *, non_blocking
         >>> row.tolist()
         [1.0, 3.0, 2.0, 4.0, 0.0999755859375]
     """
-    with torch.no_grad():  # parameters: no graph, and no per-tensor detach
-        if not non_blocking and all(t.is_contiguous() for t in tensors):
-            flat = [t.view(-1) for t in tensors]
-            if all(t.dtype == row.dtype for t in flat):
-                torch.cat(flat, out=row)
-            else:
-                torch._foreach_copy_(list(row.split([t.numel() for t in flat])), flat)
-            return
-        a = 0
-        for t in tensors:
-            n = t.numel()
-            row[a : a + n].view(t.shape).copy_(t, non_blocking=non_blocking)
-            a += n
+    row_copy(row, tensors, non_blocking=non_blocking)()

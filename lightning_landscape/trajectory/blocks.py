@@ -37,6 +37,7 @@ from lightning_landscape.trajectory._npy import (
     fill_row,
     prefault,
     read_npy_header,
+    row_copy,
 )
 from lightning_landscape.trajectory.checks import SnapshotChangedError
 from lightning_landscape.trajectory.worker import NO_ROW, BufferRing, RowWorker
@@ -116,7 +117,8 @@ class SnapshotBlocks:
         self._fence: tuple[Any, torch.device] | None = None  # a device copy the training stream still has to wait for
         self._tickets = 0  # deferred CPU copies submitted...
         self._copied = 0  # ...the last one finished...
-        self._cpu_fence: int | None = None  # ...and the one a fence still has to wait for
+        self._cpu_fence: int | None = None  # ...and the one a fence still has to wait for...
+        self._deferred: tuple[int, Sequence[torch.Tensor], list[int]] | None = None  # ...its tensors' versions
         self._faulted = 0  # memory rows [0, _faulted) are pre-faulted...
         self._fault_asked = 0  # ...and [_faulted, _fault_asked) are queued for it...
         self._claimed = 0  # ...except rows below this, which a copy has been queued for (their pages fault then)
@@ -158,9 +160,9 @@ class SnapshotBlocks:
             self.capacity += new_rows
 
     def prefault_ahead(self, count: int, budget_rows: int | None = None) -> None:
-        """Have the worker pre-fault the memory rows the next snapshots take (16 MiB and two rows past ``count``).
+        """Have the worker pre-fault the memory rows the next snapshots take (16 MiB, at most a block, past ``count``).
 
-        In chunks: nothing is queued while more than half of that is still ready, so a small model's
+        At least two rows, in chunks: nothing is queued while more than half of that is still ready, so a small model's
         snapshots do not each wake the worker. Big rows are faulted two ahead: faulting fresh pages
         can take longer than a training step (in a VM whose host backs them lazily, 20 MB took
         6-70 ms here), and a snapshot whose row is not ready waits for it. The work is queued as
@@ -170,7 +172,7 @@ class SnapshotBlocks:
         if self.storage != "memory":
             return
         row_bytes = self.num_params * self.itemsize
-        ahead = max(2, PREFAULT_BYTES // row_bytes)
+        ahead = max(2, min(PREFAULT_BYTES // row_bytes, self.block_rows))  # a block ahead at most
         target = count + ahead
         if budget_rows is not None:
             target = min(target, budget_rows)
@@ -178,19 +180,23 @@ class SnapshotBlocks:
             return
         if target > self.capacity:
             self.reserve(target, count, budget_rows)
-        per_task = max(1, PREFAULT_PIECE_BYTES // row_bytes)  # rows per task, or...
-        piece = max(1, PREFAULT_PIECE_BYTES // self.itemsize)  # ...values of one row per task
-        while self._fault_asked < target:
-            lo = self._fault_asked
-            index, r = self._locate(lo)
-            block = self.blocks[index]
-            hi = min(target, lo + per_task, lo - r + block.rows)
-            rows = block.tensor[r : r + hi - lo]  # type: ignore[index]
-            for a in range(0, self.num_params if per_task == 1 else 1, piece):
-                part = rows[:, a : a + piece] if per_task == 1 else rows
-                done = partial(self._faulted_to, hi) if a + piece >= self.num_params or per_task > 1 else None
-                self._worker.submit(NO_ROW, partial(self._prefault_rows, lo, part), done, background=True)
-            self._fault_asked = hi
+        per_task = max(1, PREFAULT_PIECE_BYTES // row_bytes)  # rows per task, or one row in pieces
+        start = 0
+        for block in self.blocks:
+            end = start + block.rows  # this block holds rows [start, end)
+            while start <= self._fault_asked < min(target, end):
+                lo = self._fault_asked
+                hi = min(target, lo + per_task, end)
+                self._queue_prefault(lo, hi, block.tensor[lo - start : hi - start])  # type: ignore[index]
+                self._fault_asked = hi
+            start = end
+
+    def _queue_prefault(self, lo: int, hi: int, rows: torch.Tensor) -> None:
+        """Queue the pre-faulting of rows ``lo`` to ``hi`` (``rows``) as background tasks; a single row in pieces."""
+        step = self.num_params if hi - lo > 1 else max(1, PREFAULT_PIECE_BYTES // self.itemsize)
+        for a in range(0, self.num_params, step):
+            done = partial(self._faulted_to, hi) if a + step >= self.num_params else None
+            self._worker.submit(NO_ROW, partial(self._prefault_rows, lo, rows[:, a : a + step]), done, background=True)
 
     def _prefault_rows(self, first: int, rows: torch.Tensor) -> None:
         """Worker: pre-fault ``rows`` (rows ``first``, ``first + 1``, ... or a piece of one) but rows a copy claimed."""
@@ -289,25 +295,32 @@ class SnapshotBlocks:
         """Have the worker copy the CPU ``tensors`` into ``row`` (snapshot ``i``) while training goes on.
 
         :meth:`fence` waits for it; the caller calls that before anything changes the tensors.
-        Their version counters are read now and again after the copy: a change in between (an
+        Their version counters are read now and again at the fence: a change in between (an
         in-place write the fence did not hold back) fails the snapshot with
-        :class:`SnapshotChangedError` instead of storing a mix of two steps.
+        :class:`SnapshotChangedError` instead of storing a mix of two steps. The copy is built
+        here, so the worker runs one torch call and no Python around it.
         """
         self._tickets += 1
-        ticket, versions = self._tickets, [t._version for t in tensors]
+        ticket = self._tickets
+        self._deferred = (i, tensors, [t._version for t in tensors])
+        self._cpu_fence = ticket
+        # The fence's waiter is woken when the task ends; a failed copy ends the wait too.
+        self._worker.submit(i, row_copy(row, tensors), partial(setattr, self, "_copied", ticket))
 
-        def copy() -> None:
-            fill_row(row, tensors)
-            changed = [n for n, (t, v) in enumerate(zip(tensors, versions)) if t._version != v]
-            if changed:
-                raise SnapshotChangedError(
+    def _check_deferred(self) -> None:
+        """At the fence: fail the deferred snapshot if any of its tensors changed in place since it was queued."""
+        if self._deferred is None:
+            return
+        (i, tensors, versions), self._deferred = self._deferred, None
+        changed = [n for n, (t, v) in enumerate(zip(tensors, versions)) if t._version != v]
+        if changed:
+            self._worker.fail(
+                i,
+                SnapshotChangedError(
                     f"snapshot {i}: {len(changed)} of its {len(tensors)} tensors (the first at index {changed[0]}) "
                     "were changed in place while the snapshot was being copied"
-                )
-            self._copied = ticket  # worker thread; the fence's waiter is woken when the task ends
-
-        self._cpu_fence = ticket
-        self._worker.submit(i, copy)
+                ),
+            )
 
     def _write_from_device(self, i: int, tensors: Sequence[torch.Tensor], defer: bool) -> None:
         """Copy the CUDA ``tensors`` to a pinned row on a side stream; the worker lands it as row ``i``.
@@ -353,6 +366,7 @@ class SnapshotBlocks:
         if self._cpu_fence is not None:
             ticket, self._cpu_fence = self._cpu_fence, None
             self._worker.wait(until=lambda: self._copied >= ticket)
+            self._check_deferred()
         if self._fence is not None:
             event, device = self._fence
             torch.cuda.current_stream(device).wait_event(event)

@@ -222,6 +222,7 @@ class SnapshotStore:
         tensors = check_snapshot_tensors(vec, self._num_params)
         check_integer("step", step)
         check_integer("epoch", epoch)
+        self._blocks.fence()  # a deferred copy that failed (or whose tensors changed) is raised now, not later
         self.check_errors()
         row = self._count
         budget = self._budget_rows()

@@ -105,6 +105,14 @@ class RowWorker:
                         self._pending -= 1
                         self._cv.notify_all()
 
+    def fail(self, row: int, err: BaseException) -> None:
+        """Record ``err`` as a failure of the task about ``row`` found afterwards (the first failure is kept)."""
+        with self._cv:
+            if self._error is None:
+                self._error, self._error_row = err, row
+            else:
+                self._error_row = min(self._error_row, row)
+
     def wait(self, until: Callable[[], bool] | None = None) -> None:
         """Wait until every submitted task has run (or, with ``until``, until it returns true or nothing is left)."""
         with self._cv:
