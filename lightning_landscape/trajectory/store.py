@@ -201,14 +201,13 @@ class SnapshotStore:
         on the way; the caller may change them once this returns or, with ``defer``, once
         :meth:`fence` has (``TrajectoryPCA`` calls it before each optimizer step, so the copy
         overlaps the forward and backward pass). Deferred CPU tensors are copied on the writer
-        thread; one changed in place before its copy is done is not stored and the next store
-        call raises :class:`~lightning_landscape.trajectory.SnapshotChangedError`. CUDA tensors
-        go without blocking to a pinned host buffer on a side stream; the current stream waits
-        for the copy (on the device) right away or, with ``defer``, at :meth:`fence`.
+        thread; one changed in place before the fence is not stored and the next store call raises
+        :class:`~lightning_landscape.trajectory.SnapshotChangedError`. CUDA tensors go without
+        blocking to a pinned host buffer on a side stream; the current stream waits for the copy
+        (on the device) right away or, with ``defer``, at :meth:`fence`.
 
         Raises:
-            ValueError: if ``vec`` is not floating tensors of P elements, or ``step``/``epoch``
-                are not integers.
+            ValueError: if ``vec`` is not floating tensors of P elements, or ``step``/``epoch`` are not integers.
             RuntimeError: if the store is closed.
             Exception: the error of a failed background write (see :meth:`check_errors`).
 
