@@ -117,8 +117,8 @@ class SnapshotBlocks:
         self._fence: tuple[Any, torch.device] | None = None  # a device copy the training stream still has to wait for
         self._tickets = 0  # deferred CPU copies submitted...
         self._copied = 0  # ...the last one finished...
-        self._cpu_fence: int | None = None  # ...and the one a fence still has to wait for...
-        self._deferred: tuple[int, Sequence[torch.Tensor], list[int]] | None = None  # ...its tensors' versions
+        # ...and the one a fence still has to wait for: (ticket, row, tensors, their versions when queued)
+        self._deferred: tuple[int, int, Sequence[torch.Tensor], list[int]] | None = None
         self._faulted = 0  # memory rows [0, _faulted) are pre-faulted...
         self._fault_asked = 0  # ...and [_faulted, _fault_asked) are queued for it...
         self._claimed = 0  # ...except rows below this, which a copy has been queued for (their pages fault then)
@@ -270,7 +270,7 @@ class SnapshotBlocks:
         index, row = self._locate(i)
         block = self.blocks[index]
         if block.tensor is not None:
-            # Pre-faulting may write zeros (old kernels): from here on it leaves this row alone.
+            # Pre-faulting writes zeros: from here on it leaves this row alone.
             self._claimed = max(self._claimed, i + 1)
             if defer:  # may run before the row's pre-faulting, which then skips it
                 self._copy_later(i, block.tensor[row], tensors)
@@ -302,16 +302,16 @@ class SnapshotBlocks:
         """
         self._tickets += 1
         ticket = self._tickets
-        self._deferred = (i, tensors, [t._version for t in tensors])
-        self._cpu_fence = ticket
+        self._deferred = (ticket, i, tensors, [t._version for t in tensors])
         # The fence's waiter is woken when the task ends; a failed copy ends the wait too.
         self._worker.submit(i, row_copy(row, tensors), partial(setattr, self, "_copied", ticket))
 
-    def _check_deferred(self) -> None:
-        """At the fence: fail the deferred snapshot if any of its tensors changed in place since it was queued."""
+    def _fence_deferred(self) -> None:
+        """Wait for the deferred CPU copy; fail its snapshot if one of its tensors changed in place since queued."""
         if self._deferred is None:
             return
-        (i, tensors, versions), self._deferred = self._deferred, None
+        (ticket, i, tensors, versions), self._deferred = self._deferred, None
+        self._worker.wait(until=lambda: self._copied >= ticket)
         changed = [n for n, (t, v) in enumerate(zip(tensors, versions)) if t._version != v]
         if changed:
             self._worker.fail(
@@ -363,10 +363,7 @@ class SnapshotBlocks:
         A CPU copy that failed (or was skipped after an earlier failure) ends the wait too; its
         error comes from :meth:`take_error`.
         """
-        if self._cpu_fence is not None:
-            ticket, self._cpu_fence = self._cpu_fence, None
-            self._worker.wait(until=lambda: self._copied >= ticket)
-            self._check_deferred()
+        self._fence_deferred()
         if self._fence is not None:
             event, device = self._fence
             torch.cuda.current_stream(device).wait_event(event)
