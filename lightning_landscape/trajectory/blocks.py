@@ -51,8 +51,10 @@ MAX_BLOCK_ROWS = 1024
 # next snapshot's row is always ready, little enough that spare rows cost little.
 PREFAULT_BYTES = 16 * 2**20
 # ...in background tasks of at most this size (or one small row): a copy queued meanwhile waits for one
-# piece at most (4 MiB of fresh pages took up to 12 ms here), not for every row queued before it.
-PREFAULT_PIECE_BYTES = 4 * 2**20
+# piece at most, not for every row queued before it. Fresh pages cost 1.3-11 us each in this VM while
+# training runs, so a 4 MiB piece held a copy up to 12 ms and snapshots of 1M weights at every step cost
+# +47 % of training; 256 KiB gave +10 % (1 MiB +16 %, 64 KiB +20 %: more tasks, more GIL hand-overs).
+PREFAULT_PIECE_BYTES = 256 * 2**10
 # After a spill, each new disk row is queued behind at most this many of the old rows: the spill drains
 # in the background, a few rows per snapshot, instead of stalling the next snapshot behind all of them.
 SPILL_PER_WRITE = 2
@@ -166,7 +168,7 @@ class SnapshotBlocks:
         snapshots do not each wake the worker. Big rows are faulted two ahead: faulting fresh pages
         can take longer than a training step (in a VM whose host backs them lazily, 20 MB took
         6-70 ms here), and a snapshot whose row is not ready waits for it. The work is queued as
-        background tasks of 4 MiB at most, which a snapshot's copy or write overtakes.
+        background tasks of 256 KiB at most, which a snapshot's copy or write overtakes.
         Blocks are added for them within ``budget_rows``, never past it (that would spill).
         """
         if self.storage != "memory":
