@@ -281,6 +281,20 @@ def test_the_worker_runs_copies_and_writes_before_queued_background_work():
     assert order == ["copy 0", "write 1", "fault 0", "fault 1", "fault 2"]
 
 
+def test_tasks_submitted_together_run_in_order_with_their_cleanups_and_count_as_pending():
+    worker, order, gate = blocks.RowWorker(), [], threading.Event()
+    worker.submit(blocks.NO_ROW, gate.wait)  # holds the thread while the rest is queued
+    pieces = [(blocks.NO_ROW, lambda k=k: order.append(f"piece {k}"), None) for k in range(3)]
+    pieces[-1] = (blocks.NO_ROW, pieces[-1][1], lambda: order.append("row ready"))
+    worker.submit_all(pieces, background=True)
+    worker.submit(0, lambda: order.append("copy 0"))
+    assert worker._pending == 5  # the gate, three pieces, the copy
+    gate.set()
+    worker.wait()
+    worker.stop()
+    assert order == ["copy 0", "piece 0", "piece 1", "piece 2", "row ready"]
+
+
 def test_a_deferred_copy_overtakes_the_pre_faulting_of_its_row_and_keeps_its_values(monkeypatch):
     """The copy runs first; the row's pre-faulting (which writes zeros) then leaves that row alone."""
     store = SnapshotStore(4096, dtype="float32", storage="memory", block_rows=4)

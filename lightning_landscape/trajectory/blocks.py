@@ -196,9 +196,12 @@ class SnapshotBlocks:
     def _queue_prefault(self, lo: int, hi: int, rows: torch.Tensor) -> None:
         """Queue the pre-faulting of rows ``lo`` to ``hi`` (``rows``) as background tasks; a single row in pieces."""
         step = self.num_params if hi - lo > 1 else max(1, PREFAULT_PIECE_BYTES // self.itemsize)
-        for a in range(0, self.num_params, step):
-            done = partial(self._faulted_to, hi) if a + step >= self.num_params else None
-            self._worker.submit(NO_ROW, partial(self._prefault_rows, lo, rows[:, a : a + step]), done, background=True)
+        pieces = [
+            (NO_ROW, partial(self._prefault_rows, lo, rows[:, a : a + step]), None)
+            for a in range(0, self.num_params, step)
+        ]
+        pieces[-1] = (*pieces[-1][:2], partial(self._faulted_to, hi))
+        self._worker.submit_all(pieces, background=True)
 
     def _prefault_rows(self, first: int, rows: torch.Tensor) -> None:
         """Worker: pre-fault ``rows`` (rows ``first``, ``first + 1``, ... or a piece of one) but rows a copy claimed."""
