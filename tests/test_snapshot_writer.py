@@ -247,22 +247,24 @@ def test_memory_rows_are_prefaulted_ahead_on_the_writer_thread():
 
 
 def test_big_rows_are_prefaulted_two_ahead_in_background_pieces(monkeypatch):
-    monkeypatch.setattr(blocks, "PREFAULT_BYTES", 4000)  # a row of 1000 float32 is "big": two ahead
-    monkeypatch.setattr(blocks, "PREFAULT_PIECE_BYTES", 1024)  # four pieces per row
-    store = SnapshotStore(1000, dtype="float32", storage="memory", block_rows=8)
-    pieces: list[tuple[int, ...]] = []
-    real = _npy.prefault
+    monkeypatch.setattr(blocks, "PREFAULT_BYTES", 20000)  # a row of 5000 float32 is "big": two ahead
+    monkeypatch.setattr(blocks, "PREFAULT_PIECE_BYTES", 8192)  # two pages per piece: three pieces per row
+    store = SnapshotStore(5000, dtype="float32", storage="memory", block_rows=8)
+    pieces: dict[int, list[list[int]]] = {}
+    real = blocks.SnapshotBlocks._prefault_piece
 
-    def spy(rows):
-        pieces.append(tuple(rows.shape))
-        return real(rows)
+    def spy(self, row, views):
+        pieces.setdefault(row, []).append([v.numel() for v in views])
+        return real(self, row, views)
 
-    monkeypatch.setattr(blocks, "prefault", spy)
+    monkeypatch.setattr(blocks.SnapshotBlocks, "_prefault_piece", spy)
     for k in range(5):
-        store.append(torch.full((1000,), float(k)), step=k, epoch=0)
+        store.append(torch.full((5000,), float(k)), step=k, epoch=0)
         assert store._blocks._fault_asked >= len(store) + 2  # the next two rows are queued or ready
     store._blocks._worker.wait()
-    assert pieces and set(pieces) <= {(1, 256), (1, 232)}  # a copy queued behind them waits for one piece at most
+    # One zero per page (5 pages of a 20,000-byte row, 1024 float32 apart) and the last element, two
+    # pages per piece: a copy queued behind them waits for one piece at most.
+    assert pieces and all(p == [[2], [2], [1, 1]] for p in pieces.values())
     assert store._blocks._faulted == store._blocks._fault_asked <= 5 + 2 + 1
     assert [store.get(k)[0].item() for k in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]
     store.close()

@@ -6,7 +6,7 @@ memory, or an ``.npy`` file on disk. This module holds the storage dtypes, the
 as its uint16 bit pattern), creating ``.npy`` files and reading their headers,
 the unbuffered readers and writers that move rows in and out of them
 without a memory map, and the two row operations of a snapshot: faulting a
-fresh row in ahead of use (:func:`prefault`) and copying the parameters into it
+fresh row in ahead of use (:func:`prefault`, :func:`page_pieces`) and copying the parameters into it
 (:func:`fill_row`).
 """
 
@@ -279,6 +279,27 @@ def prefault(tensor: torch.Tensor) -> None:
     if flat.numel():
         flat[:: max(1, mmap.PAGESIZE // flat.element_size())].zero_()
         flat[-1:].zero_()  # the last page, where the tensor does not start on a page boundary
+
+
+def page_pieces(row: torch.Tensor, piece_bytes: int) -> list[list[torch.Tensor]]:
+    """Views of the contiguous 1-D ``row`` whose zeroing faults all its pages in: one element per page, and the last.
+
+    In pieces of at most ``piece_bytes`` of pages, each a list of views that one
+    ``torch._foreach_zero_`` call zeroes (as :func:`prefault` does for the whole row). Made by the
+    caller: the writer thread then runs one torch call per piece, and each torch call it makes
+    from Python hands the GIL back and forth with the training thread.
+
+    Example:
+        >>> row = torch.ones(3000)  # 12,000 bytes: three or four pages
+        >>> for views in page_pieces(row, 8192):
+        ...     _ = torch._foreach_zero_(views)
+        >>> int((row == 0).sum()) in (3, 4), float(row[-1])
+        (True, 0.0)
+    """
+    pages = row[:: max(1, mmap.PAGESIZE // row.element_size())]
+    pieces = [[piece] for piece in pages.split(max(1, piece_bytes // mmap.PAGESIZE))]
+    pieces[-1].append(row[-1:])  # the last page, where the row does not start on a page boundary
+    return pieces
 
 
 def row_copy(row: torch.Tensor, tensors: Sequence[torch.Tensor], *, non_blocking: bool = False) -> Callable[[], Any]:

@@ -35,12 +35,13 @@ from lightning_landscape.trajectory._npy import (
     BlockWriter,
     create_npy,
     fill_row,
+    page_pieces,
     prefault,
     read_npy_header,
     row_copy,
 )
 from lightning_landscape.trajectory.checks import SnapshotChangedError
-from lightning_landscape.trajectory.worker import NO_ROW, BufferRing, RowWorker
+from lightning_landscape.trajectory.worker import NO_ROW, BufferRing, RowWorker, Task
 
 # Target size of one preallocated block (memory tensor or .npy file): large enough that a long
 # trajectory of a small model needs few files, small enough that a spare block costs little.
@@ -195,19 +196,24 @@ class SnapshotBlocks:
 
     def _queue_prefault(self, lo: int, hi: int, rows: torch.Tensor) -> None:
         """Queue the pre-faulting of rows ``lo`` to ``hi`` (``rows``) as background tasks; a single row in pieces."""
-        step = self.num_params if hi - lo > 1 else max(1, PREFAULT_PIECE_BYTES // self.itemsize)
-        pieces = [
-            (NO_ROW, partial(self._prefault_rows, lo, rows[:, a : a + step]), None)
-            for a in range(0, self.num_params, step)
-        ]
-        pieces[-1] = (*pieces[-1][:2], partial(self._faulted_to, hi))
-        self._worker.submit_all(pieces, background=True)
+        if hi - lo > 1:
+            tasks = [partial(self._prefault_rows, lo, rows)]
+        else:
+            tasks = [partial(self._prefault_piece, lo, views) for views in page_pieces(rows[0], PREFAULT_PIECE_BYTES)]
+        items: list[tuple[int, Task, Task | None]] = [(NO_ROW, task, None) for task in tasks]
+        items[-1] = (NO_ROW, tasks[-1], partial(self._faulted_to, hi))
+        self._worker.submit_all(items, background=True)
 
     def _prefault_rows(self, first: int, rows: torch.Tensor) -> None:
         """Worker: pre-fault ``rows`` (rows ``first``, ``first + 1``, ... or a piece of one) but rows a copy claimed."""
         skip = self._claimed - first  # read now: set by the training thread before it queues the copy
         if skip < rows.shape[0]:
             prefault(rows[max(0, skip) :])
+
+    def _prefault_piece(self, row: int, views: list[torch.Tensor]) -> None:
+        """Worker: zero ``views`` (a piece of row ``row``'s pages) in one torch call, unless a copy claimed the row."""
+        if self._claimed <= row:  # read now: set by the training thread before it queues the copy
+            torch._foreach_zero_(views)
 
     def _faulted_to(self, row: int) -> None:
         self._faulted = row  # worker thread; waiters are woken when the task ends
