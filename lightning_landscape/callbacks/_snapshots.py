@@ -37,19 +37,28 @@ def open_store(restored: dict[str, Any] | None, num_params: int, **options: Any)
     return SnapshotStore(num_params, **options)
 
 
-def may_overlap(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+def module_allows_overlap(pl_module: pl.LightningModule) -> bool:
+    """The module's part of :func:`may_overlap`, fixed for a fit (``TrajectoryPCA`` reads it once, at fit start).
+
+    A manually optimized module and the module's own batch hooks (they run after the callbacks',
+    e.g. a weight clamp) may change the weights in place before the optimizer step.
+    """
+    return pl_module.automatic_optimization and not any(
+        is_overridden(hook, pl_module) for hook in ("on_train_batch_end", "on_train_batch_start")
+    )
+
+
+def may_overlap(trainer: pl.Trainer, pl_module: pl.LightningModule, module_allows: bool | None = None) -> bool:
     """Whether the snapshot after this batch may be copied while the next batch runs (``overlap_copy``).
 
     Only where nothing but the next forward and backward pass comes before the optimizer step
-    that waits for it: epoch-end, validation and fit-end hooks of other callbacks, a manually
-    optimized module, and the module's own batch hooks (they run after the callbacks', e.g. a
-    weight clamp) may change the weights in place.
+    that waits for it: epoch-end, validation and fit-end hooks of other callbacks, and the
+    module's own (:func:`module_allows_overlap`, or ``module_allows`` when the caller has it:
+    right after an optimizer step the check costs 4x its warm time, 20-40 us) may change the
+    weights in place.
     """
-    return (
-        pl_module.automatic_optimization
-        and not any(is_overridden(hook, pl_module) for hook in ("on_train_batch_end", "on_train_batch_start"))
-        and _lightning.training_batch_follows(trainer)
-    )
+    allowed = module_allows_overlap(pl_module) if module_allows is None else module_allows
+    return allowed and _lightning.training_batch_follows(trainer)
 
 
 def warn_changed(err: Exception, trainer: pl.Trainer | None) -> None:

@@ -27,6 +27,7 @@ from lightning_landscape.callbacks._base import (
 from lightning_landscape.callbacks._distributed import Collectives, HandedOff
 from lightning_landscape.callbacks._snapshots import (
     may_overlap,
+    module_allows_overlap,
     open_store,
     shared_pca,
     warn_changed,
@@ -202,6 +203,7 @@ class TrajectoryPCA(LandscapeCallback):
         self._opened = False
         self._recording = True
         self._last_step: int | None = None
+        self._module_overlap = False  # module_allows_overlap(pl_module), read at fit start
         #: Results of the last fit: the PCA and the surface on its plane.
         self.pca: PCAResult | None = None
         self.landscape: Landscape | None = None
@@ -239,6 +241,7 @@ class TrajectoryPCA(LandscapeCallback):
         self._stopped = ""
         self.store = None
         self._opened, self._recording, self._last_step = False, trainer.is_global_zero, None
+        self._module_overlap = module_allows_overlap(pl_module)
         if has_lazy_parameters(pl_module):
             return  # shapes exist after the first forward: the store opens after the first step
         self.check_metrics_fit(trainer, pl_module, self.metrics)
@@ -292,7 +295,7 @@ class TrajectoryPCA(LandscapeCallback):
                     trainer,
                     pl_module,
                     epochs_done=trainer.current_epoch + int(last),
-                    overlap=self.overlap_copy and may_overlap(trainer, pl_module),
+                    overlap=self.overlap_copy and may_overlap(trainer, pl_module, self._module_overlap),
                 )
 
     @override
