@@ -38,7 +38,7 @@ VARIANTS = {
     "plain": (False, "memory", True, blocks.PREFAULT_PIECE_BYTES),
     "memory, deferred (default)": (True, "memory", True, blocks.PREFAULT_PIECE_BYTES),
     "memory, synchronous": (True, "memory", False, blocks.PREFAULT_PIECE_BYTES),
-    "memory, deferred, 4 MiB pieces (before)": (True, "memory", True, 4 << 20),
+    "memory, deferred, 4 MiB pieces": (True, "memory", True, 4 << 20),
     "disk, deferred": (True, "disk", True, blocks.PREFAULT_PIECE_BYTES),
 }
 

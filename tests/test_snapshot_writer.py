@@ -345,12 +345,20 @@ def test_prefault_leaves_no_page_fault_for_the_copy_into_the_row():
     assert bool((row == 2.0).all())
 
 
+def _zero_in_pieces(row):
+    pieces = _npy.page_pieces(row, 2 * mmap.PAGESIZE)
+    assert [len(views) for views in pieces][-1] == 2 and all(v.numel() <= 2 for p in pieces for v in p)
+    for views in pieces:  # as the writer runs them: one call per piece
+        torch._foreach_zero_(views)
+
+
+@pytest.mark.parametrize("fault", [_npy.prefault, _zero_in_pieces], ids=["whole row", "in pieces"])
 @pytest.mark.parametrize("start", [0, 3], ids=["page-aligned", "unaligned"])
-def test_prefault_writes_one_zero_in_every_page_of_the_row_and_nothing_else(start):
+def test_prefault_writes_one_zero_in_every_page_of_the_row_and_nothing_else(start, fault):
     per_page = mmap.PAGESIZE // 4
     base = torch.ones(10 * per_page + 8)
     row = base[start : start + 4 * per_page + 5]  # 4 pages and a bit, starting at element `start`
-    _npy.prefault(row)
+    fault(row)
     zeros = (row == 0).nonzero().flatten().tolist()
     pages = {(row.data_ptr() + 4 * i) // mmap.PAGESIZE for i in zeros}
     first, last = row.data_ptr() // mmap.PAGESIZE, (row.data_ptr() + 4 * row.numel() - 1) // mmap.PAGESIZE
