@@ -51,7 +51,7 @@ def is_last_batch(trainer: pl.Trainer) -> bool:
     return bool(getattr(progress, "is_last_batch", False))
 
 
-def training_batch_follows(trainer: pl.Trainer) -> bool:
+def training_batch_follows(trainer: pl.Trainer, validates: bool | None = None) -> bool:
     """Whether the fit loop surely goes on to another training batch (of this epoch) after this one's hooks.
 
     Conservative: ``False`` whenever this batch may be the last, a stop was asked for, the step
@@ -59,6 +59,10 @@ def training_batch_follows(trainer: pl.Trainer) -> bool:
     count; any time-based validation interval counts as "may"). A snapshot copy left running past
     this batch is only safe while nothing but the next forward and backward pass follows: epoch-end,
     validation and fit-end hooks of other callbacks may change the weights in place.
+
+    ``validates``: ``trainer.enable_validation`` when the caller read it once for the fit (it checks
+    the module's ``validation_step`` and the validation data every time: a third of this call, on
+    the cold caches right after an optimizer step).
 
     Internal: ``fit_loop.epoch_loop`` (``batch_progress``, ``batch_idx``, ``total_batch_idx``) and
     ``trainer._val_check_time_interval``; no hook argument says what comes next.
@@ -73,7 +77,7 @@ def training_batch_follows(trainer: pl.Trainer) -> bool:
         return False
     if trainer.should_stop or (trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps):
         return False
-    if not trainer.enable_validation:
+    if not (trainer.enable_validation if validates is None else validates):
         return True
     every_n = trainer.check_val_every_n_epoch
     if every_n is not None and (trainer.current_epoch + 1) % every_n != 0:

@@ -48,17 +48,19 @@ def module_allows_overlap(pl_module: pl.LightningModule) -> bool:
     )
 
 
-def may_overlap(trainer: pl.Trainer, pl_module: pl.LightningModule, module_allows: bool | None = None) -> bool:
+def may_overlap(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, module_allows: bool | None = None, validates: bool | None = None
+) -> bool:
     """Whether the snapshot after this batch may be copied while the next batch runs (``overlap_copy``).
 
     Only where nothing but the next forward and backward pass comes before the optimizer step
     that waits for it: epoch-end, validation and fit-end hooks of other callbacks, and the
     module's own (:func:`module_allows_overlap`, or ``module_allows`` when the caller has it:
     right after an optimizer step the check costs 4x its warm time, 20-40 us) may change the
-    weights in place.
+    weights in place. ``validates``: ``trainer.enable_validation``, read once for the fit.
     """
     allowed = module_allows_overlap(pl_module) if module_allows is None else module_allows
-    return allowed and _lightning.training_batch_follows(trainer)
+    return allowed and _lightning.training_batch_follows(trainer, validates)
 
 
 def warn_changed(err: Exception, trainer: pl.Trainer | None) -> None:

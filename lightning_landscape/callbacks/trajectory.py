@@ -204,6 +204,7 @@ class TrajectoryPCA(LandscapeCallback):
         self._recording = True
         self._last_step: int | None = None
         self._module_overlap = False  # module_allows_overlap(pl_module), read at fit start
+        self._validates: bool | None = None  # trainer.enable_validation, read at train start
         #: Results of the last fit: the PCA and the surface on its plane.
         self.pca: PCAResult | None = None
         self.landscape: Landscape | None = None
@@ -273,6 +274,7 @@ class TrajectoryPCA(LandscapeCallback):
         # restores the step and epoch counters only now. A trajectory continued from a checkpoint
         # already holds its start; the uninterrupted run took no snapshot at the step where the
         # checkpoint was cut, so neither does the resumed one.
+        self._validates = trainer.enable_validation  # the validation data is attached by now
         if self.enabled and self._opened and (self.store is None or len(self.store) == 0):
             self._snapshot(trainer, pl_module, epochs_done=trainer.current_epoch)
 
@@ -291,12 +293,8 @@ class TrajectoryPCA(LandscapeCallback):
                 # (gradient accumulation: one snapshot per optimizer step). After an epoch's last
                 # batch that epoch counts as done, so epoch markers fall on epoch boundaries.
                 last = _lightning.is_last_batch(trainer)
-                self._snapshot(
-                    trainer,
-                    pl_module,
-                    epochs_done=trainer.current_epoch + int(last),
-                    overlap=self.overlap_copy and may_overlap(trainer, pl_module, self._module_overlap),
-                )
+                overlap = self.overlap_copy and may_overlap(trainer, pl_module, self._module_overlap, self._validates)
+                self._snapshot(trainer, pl_module, epochs_done=trainer.current_epoch + int(last), overlap=overlap)
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
