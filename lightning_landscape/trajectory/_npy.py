@@ -264,7 +264,8 @@ def prefault(tensor: torch.Tensor) -> None:
     The first write to a fresh page costs a page fault, which on a 40 MB row takes longer than
     copying the row itself; done here, ahead of use and on the writer thread, the training
     thread's copy into the row then takes none. One strided write in one call: its faults take
-    the kernel's per-VMA locks only, and the thread takes the GIL back once. Faulting with
+    the kernel's per-VMA locks only, and the thread takes the GIL back once (the views of
+    :func:`page_pieces`, in one piece). Faulting with
     ``madvise(MADV_POPULATE_WRITE)`` instead (256 KiB per call) held the process's memory-map
     lock, which the training thread's own mmap/munmap wait for, and took the GIL back after every
     call; on the 1M-weight MLP it cost the training thread more than these writes (see README).
@@ -277,8 +278,8 @@ def prefault(tensor: torch.Tensor) -> None:
     """
     flat = tensor.view(-1)
     if flat.numel():
-        flat[:: max(1, mmap.PAGESIZE // flat.element_size())].zero_()
-        flat[-1:].zero_()  # the last page, where the tensor does not start on a page boundary
+        (views,) = page_pieces(flat, flat.numel() * flat.element_size() + mmap.PAGESIZE)  # all of it, one piece
+        torch._foreach_zero_(views)
 
 
 def page_pieces(row: torch.Tensor, piece_bytes: int) -> list[list[torch.Tensor]]:
